@@ -155,3 +155,9 @@ impl fmt::Debug for EventSink {
         f.debug_struct("EventSink").field("connected", &self.target.is_some()).finish()
     }
 }
+
+/// Ask a role for its counters, as a JSON object for `system.health` and
+/// `dgbit-bus status`.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "serde_json::Value")]
+pub struct StatsQuery;
