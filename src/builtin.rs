@@ -1,1 +1,130 @@
-//! TODO
+//! The bus's own commands: `ping` and `status` on both buses.
+//!
+//! `ping` answers `{"pong": true, "time": ...}`. `status` answers the
+//! bus's identity, uptime and the counters of every role, each asked with a
+//! [`StatsQuery`]; a role that does not answer within a second shows as
+//! `{"error": "no answer"}` rather than holding up the reply.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde_json::{json, Map, Value};
+
+use crate::message::{Command, HandlerError, StatsQuery};
+use crate::wire::now_rfc3339;
+
+/// How long `status` waits for one role's counters.
+const STATS_ANSWER_LIMIT: Duration = Duration::from_secs(1);
+
+/// Serves `ping` and `status`.
+pub struct BusStatus {
+    service_name: String,
+    started: Instant,
+    roles: Vec<(String, Recipient<StatsQuery>)>,
+}
+
+impl BusStatus {
+    pub fn new(service_name: impl Into<String>) -> Self {
+        Self {
+            service_name: service_name.into(),
+            started: Instant::now(),
+            roles: Vec::new(),
+        }
+    }
+
+    /// Include `role`'s counters in `status` replies.
+    pub fn with_role(mut self, role: impl Into<String>, stats: Recipient<StatsQuery>) -> Self {
+        self.roles.push((role.into(), stats));
+        self
+    }
+}
+
+impl Actor for BusStatus {
+    type Context = Context<Self>;
+}
+
+impl Handler<Command> for BusStatus {
+    type Result = ResponseFuture<Result<Value, HandlerError>>;
+
+    fn handle(&mut self, command: Command, _ctx: &mut Self::Context) -> Self::Result {
+        match command.name.as_str() {
+            "ping" => {
+                let reply = json!({"pong": true, "time": now_rfc3339()});
+                Box::pin(async move { Ok(reply) })
+            }
+            "status" => {
+                let head = json!({
+                    "service": self.service_name,
+                    "pid": std::process::id(),
+                    "uptime_s": self.started.elapsed().as_secs_f64(),
+                    "version": env!("CARGO_PKG_VERSION"),
+                });
+                let roles = self.roles.clone();
+                Box::pin(async move { Ok(status_reply(head, roles).await) })
+            }
+            other => {
+                let text = format!("BusStatus does not serve `{other}`");
+                Box::pin(
+                    async move { Err(HandlerError::new(crate::wire::code::UNKNOWN_COMMAND, text)) },
+                )
+            }
+        }
+    }
+}
+
+async fn status_reply(mut head: Value, roles: Vec<(String, Recipient<StatsQuery>)>) -> Value {
+    let mut stats = Map::new();
+    for (role, recipient) in roles {
+        let answer = match recipient.send(StatsQuery).timeout(STATS_ANSWER_LIMIT).await {
+            Ok(value) => value,
+            Err(err) => json!({"error": format!("no answer: {err}")}),
+        };
+        stats.insert(role, answer);
+    }
+    head["roles"] = Value::Object(stats);
+    head
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[actix_rt::test]
+    async fn ping_answers_pong() {
+        let status = BusStatus::new("test").start();
+        let reply = status
+            .send(Command::new("ping", json!({})))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply["pong"], json!(true));
+    }
+
+    #[actix_rt::test]
+    async fn status_lists_each_role_and_survives_a_dead_one() {
+        struct Quiet;
+        impl Actor for Quiet {
+            type Context = Context<Self>;
+        }
+        impl Handler<StatsQuery> for Quiet {
+            type Result = MessageResult<StatsQuery>;
+            fn handle(&mut self, _: StatsQuery, ctx: &mut Self::Context) -> Self::Result {
+                ctx.stop();
+                MessageResult(json!({"n": 1}))
+            }
+        }
+        let live = Quiet.start();
+        let status = BusStatus::new("test")
+            .with_role("live", live.clone().recipient())
+            .with_role("dead", live.recipient())
+            .start();
+        let reply = status
+            .send(Command::new("status", json!({})))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply["service"], json!("test"));
+        assert_eq!(reply["roles"]["live"], json!({"n": 1}));
+        assert!(reply["roles"]["dead"]["error"].is_string(), "{reply}");
+    }
+}

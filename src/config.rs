@@ -44,7 +44,9 @@ impl Addresses {
     /// Addresses from any variable lookup (the environment, a test's map).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
         let pick = |name: &str, default: &str| {
-            lookup(name).filter(|value| !value.is_empty()).unwrap_or_else(|| default.into())
+            lookup(name)
+                .filter(|value| !value.is_empty())
+                .unwrap_or_else(|| default.into())
         };
         Self {
             command: pick(COMMAND_ADDRESS_VAR, DEFAULT_COMMAND_ADDRESS),
@@ -123,8 +125,18 @@ pub struct EdgeSet {
 }
 
 impl EdgeSet {
-    pub const ALL: EdgeSet = EdgeSet { command: true, data: true, event: true, job_queue: true };
-    pub const NONE: EdgeSet = EdgeSet { command: false, data: false, event: false, job_queue: false };
+    pub const ALL: EdgeSet = EdgeSet {
+        command: true,
+        data: true,
+        event: true,
+        job_queue: true,
+    };
+    pub const NONE: EdgeSet = EdgeSet {
+        command: false,
+        data: false,
+        event: false,
+        job_queue: false,
+    };
 }
 
 impl Default for BusConfig {
@@ -155,12 +167,18 @@ impl Default for BusConfig {
 impl BusConfig {
     /// Defaults, with the addresses taken from the environment.
     pub fn from_env() -> Self {
-        Self { addresses: Addresses::from_env(), ..Self::default() }
+        Self {
+            addresses: Addresses::from_env(),
+            ..Self::default()
+        }
     }
 
     /// A bus with no sockets at all, for unit tests of handler actors.
     pub fn in_process() -> Self {
-        Self { edges: EdgeSet::NONE, ..Self::default() }
+        Self {
+            edges: EdgeSet::NONE,
+            ..Self::default()
+        }
     }
 
     pub fn addresses(mut self, addresses: Addresses) -> Self {
@@ -261,7 +279,9 @@ mod tests {
 
     #[test]
     fn setters_override_the_environment() {
-        let config = BusConfig::default().command_address("inproc://c").edges(EdgeSet::NONE);
+        let config = BusConfig::default()
+            .command_address("inproc://c")
+            .edges(EdgeSet::NONE);
         assert_eq!(config.addresses.command, "inproc://c");
         assert_eq!(config.edges, EdgeSet::NONE);
     }

@@ -1,1 +1,53 @@
-fn main() {}
+//! The `dgbit-bus` binary: run a bus, or talk to a running one.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use dgbit_bus::cli::send::{run_send, SendArgs};
+use dgbit_bus::cli::serve::{run_serve, ServeArgs};
+use dgbit_bus::cli::AddressArgs;
+use tracing_subscriber::EnvFilter;
+
+/// dgbit's NNG service bus: command (REQ/REP), event (PUB/SUB), job queue
+/// (PUSH/PULL) and data (REQ/REP) sockets, with a dead letter queue.
+///
+/// Addresses come from the flags or the NNG_COMMAND_ADDRESS,
+/// NNG_EVENT_ADDRESS, NNG_JOB_QUEUE_ADDRESS and NNG_DATA_ADDRESS variables.
+/// Log level from RUST_LOG (default info).
+#[derive(Debug, Parser)]
+#[command(name = "dgbit-bus", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    addresses: AddressArgs,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Run the bus until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// Send one command to a running bus and print the reply.
+    Send(SendArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let outcome = match &cli.command {
+        Commands::Serve(args) => run_serve(args, &cli.addresses),
+        Commands::Send(args) => run_send(args, &cli.addresses),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("dgbit-bus: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -26,7 +26,10 @@ pub struct Command {
 impl Command {
     pub fn new(name: impl Into<String>, payload: Value) -> Self {
         let name = name.into();
-        Self { request: CommandRequest::new(name.clone(), payload), name }
+        Self {
+            request: CommandRequest::new(name.clone(), payload),
+            name,
+        }
     }
 }
 
@@ -43,7 +46,10 @@ pub struct HandlerError {
 
 impl HandlerError {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { code: code.into(), message: message.into() }
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
     }
 
     /// The handler ran and failed: code `handler_failed`.
@@ -101,7 +107,9 @@ pub struct ProgressReporter {
 impl ProgressReporter {
     /// A reporter that calls `sink` with each report's data.
     pub fn new(sink: impl Fn(Value) + Send + Sync + 'static) -> Self {
-        Self { sink: Some(Arc::new(sink)) }
+        Self {
+            sink: Some(Arc::new(sink)),
+        }
     }
 
     /// A reporter that discards reports, for tests.
@@ -118,7 +126,9 @@ impl ProgressReporter {
 
 impl fmt::Debug for ProgressReporter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProgressReporter").field("connected", &self.sink.is_some()).finish()
+        f.debug_struct("ProgressReporter")
+            .field("connected", &self.sink.is_some())
+            .finish()
     }
 }
 
@@ -133,7 +143,9 @@ pub struct EventSink {
 
 impl EventSink {
     pub fn to(target: Recipient<Publish>) -> Self {
-        Self { target: Some(target) }
+        Self {
+            target: Some(target),
+        }
     }
 
     pub fn discard() -> Self {
@@ -152,7 +164,9 @@ impl EventSink {
 
 impl fmt::Debug for EventSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EventSink").field("connected", &self.target.is_some()).finish()
+        f.debug_struct("EventSink")
+            .field("connected", &self.target.is_some())
+            .finish()
     }
 }
 

@@ -1,1 +1,400 @@
-//! TODO
+//! `CommandRouter`: routes requests on the command bus (and, as a second
+//! instance, the data bus) to the handler actor registered for each command.
+//!
+//! Requests arrive from the REP edge as bytes ([`Inbound`]) or in-process as a
+//! typed [`Dispatch`]. The router decodes, answers malformed ones at once,
+//! suppresses duplicates by `job_uuid`/`request_id`, and sends a [`Command`]
+//! to the handler without waiting for it: each handler call runs as its own
+//! future on the router's context, so one slow handler never delays another
+//! command. Every request gets exactly one reply.
+//!
+//! Handlers live in a [`RouteTable`] shared with the bus, so that a router
+//! restarted by its supervisor still knows them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use crate::dedup::{Admission, DedupCache};
+use crate::edge::rep::{Inbound, ReplySlot};
+use crate::message::{Command, HandlerError, StatsQuery};
+use crate::wire::{code, CommandReply, CommandRequest, Echo, WireError};
+
+/// Resolves a command name to the handler's current address. A supervised
+/// handler's resolver returns the live instance, or `None` while it restarts.
+pub type HandlerResolver = Arc<dyn Fn() -> Option<Recipient<Command>> + Send + Sync>;
+
+/// The handlers of one router, shared with the bus that registers them.
+#[derive(Clone, Default)]
+pub struct RouteTable {
+    routes: Arc<RwLock<HashMap<String, HandlerResolver>>>,
+}
+
+impl RouteTable {
+    /// Route `name` to `handler`, replacing any earlier handler.
+    pub fn register(&self, name: impl Into<String>, handler: Recipient<Command>) {
+        self.register_resolver(name, Arc::new(move || Some(handler.clone())));
+    }
+
+    /// Route `name` to whatever `resolver` returns at the time of each call.
+    pub fn register_resolver(&self, name: impl Into<String>, resolver: HandlerResolver) {
+        self.write().insert(name.into(), resolver);
+    }
+
+    pub fn unregister(&self, name: &str) -> bool {
+        self.write().remove(name).is_some()
+    }
+
+    /// The registered command names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.read().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn resolve(&self, name: &str) -> Option<HandlerResolver> {
+        self.read().get(name).cloned()
+    }
+
+    // A handler panicking elsewhere cannot poison this lock (no user code runs
+    // under it), so recovering the guard is safe.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, HandlerResolver>> {
+        self.routes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, HandlerResolver>> {
+        self.routes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Limits and names of one router.
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    /// `command` or `data`: names the router in logs and stats.
+    pub role: &'static str,
+    pub default_command: Option<String>,
+    pub max_message_size: usize,
+    pub handler_timeout: Duration,
+    pub max_in_flight: usize,
+    pub dedup_capacity: usize,
+    pub dedup_ttl: Duration,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        let config = crate::config::BusConfig::default();
+        Self {
+            role: "command",
+            default_command: config.default_command,
+            max_message_size: config.max_message_size,
+            handler_timeout: config.handler_timeout,
+            max_in_flight: config.max_commands_in_flight,
+            dedup_capacity: config.dedup_capacity,
+            dedup_ttl: config.dedup_ttl,
+        }
+    }
+}
+
+/// Send a typed command through the router in-process and get its reply.
+#[derive(Debug, Message)]
+#[rtype(result = "CommandReply")]
+pub struct Dispatch {
+    pub request: CommandRequest,
+}
+
+/// Stop taking new requests (they get `shutting_down`); answers with the
+/// number still running.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct StopIntake;
+
+/// Where one request's reply goes.
+enum ReplyTo {
+    Edge(ReplySlot),
+    Local(oneshot::Sender<CommandReply>),
+}
+
+impl ReplyTo {
+    fn send(self, reply: &CommandReply) {
+        match self {
+            ReplyTo::Edge(slot) => slot.send(reply.encode()),
+            ReplyTo::Local(sender) => {
+                let _ = sender.send(reply.clone());
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct RouterCounters {
+    received: u64,
+    ok: u64,
+    errors: HashMap<&'static str, u64>,
+}
+
+/// The actor behind one REQ/REP bus.
+pub struct CommandRouter {
+    settings: RouterSettings,
+    routes: RouteTable,
+    dedup: DedupCache<CommandReply, ReplyTo>,
+    in_flight: usize,
+    intake_open: bool,
+    counters: RouterCounters,
+}
+
+impl CommandRouter {
+    pub fn new(settings: RouterSettings, routes: RouteTable) -> Self {
+        let dedup = DedupCache::new(settings.dedup_capacity, settings.dedup_ttl);
+        Self {
+            settings,
+            routes,
+            dedup,
+            in_flight: 0,
+            intake_open: true,
+            counters: RouterCounters::default(),
+        }
+    }
+
+    /// Decide a request's fate: answer it now, park it, or run its handler.
+    fn accept(&mut self, request: CommandRequest, reply_to: ReplyTo, ctx: &mut Context<Self>) {
+        let echo = request.echo();
+        let Some(name) = request
+            .command
+            .clone()
+            .or_else(|| self.settings.default_command.clone())
+        else {
+            let text = "request has no `command` and the bus has no default route";
+            return self.answer(reply_to, CommandReply::error(echo, code::BAD_REQUEST, text));
+        };
+        if !self.intake_open {
+            let text = "the bus is shutting down";
+            return self.answer(
+                reply_to,
+                CommandReply::error(echo, code::SHUTTING_DOWN, text),
+            );
+        }
+        let Some(resolver) = self.routes.resolve(&name) else {
+            let text = format!("unknown command `{name}`");
+            return self.answer(
+                reply_to,
+                CommandReply::error(echo, code::UNKNOWN_COMMAND, text),
+            );
+        };
+        if self.in_flight >= self.settings.max_in_flight {
+            let text = format!("{} commands are running; try again later", self.in_flight);
+            return self.answer(reply_to, CommandReply::error(echo, code::OVERLOADED, text));
+        }
+
+        let Some(key) = request.dedup_key().map(str::to_string) else {
+            return self.run(name, request, resolver, None, reply_to, ctx);
+        };
+        match self.dedup.admit(&key, reply_to, Instant::now()) {
+            Admission::New(reply_to) => self.run(name, request, resolver, Some(key), reply_to, ctx),
+            Admission::Parked => debug!(router = self.settings.role, key, "duplicate parked"),
+            Admission::Answered(reply, reply_to) => {
+                debug!(
+                    router = self.settings.role,
+                    key, "duplicate answered from cache"
+                );
+                self.answer(reply_to, reply.with_echo(echo));
+            }
+        }
+    }
+
+    /// Send the command to its handler as a future of its own, so the router
+    /// keeps serving while the handler works.
+    fn run(
+        &mut self,
+        name: String,
+        request: CommandRequest,
+        resolver: HandlerResolver,
+        key: Option<String>,
+        reply_to: ReplyTo,
+        ctx: &mut Context<Self>,
+    ) {
+        let echo = request.echo();
+        let Some(handler) = resolver() else {
+            let text = format!("the handler for `{name}` is restarting; try again");
+            let reply = CommandReply::error(echo, code::HANDLER_FAILED, text);
+            return self.finish(key, reply, reply_to);
+        };
+        self.in_flight += 1;
+        let call = handler
+            .send(Command {
+                name: name.clone(),
+                request,
+            })
+            .timeout(self.settings.handler_timeout);
+        let timeout = self.settings.handler_timeout;
+        ctx.spawn(call.into_actor(self).map(move |outcome, router, _| {
+            router.in_flight -= 1;
+            let reply = match outcome {
+                Ok(Ok(result)) => CommandReply::ok(echo, result),
+                Ok(Err(err)) => CommandReply::error(echo, err.code, err.message),
+                Err(MailboxError::Timeout) => {
+                    let text = format!("`{name}` did not answer within {} ms", timeout.as_millis());
+                    CommandReply::error(echo, code::TIMEOUT, text)
+                }
+                Err(MailboxError::Closed) => {
+                    warn!(router = router.settings.role, command = %name, "handler is gone");
+                    let text = format!("the handler for `{name}` crashed or stopped");
+                    CommandReply::error(echo, code::HANDLER_FAILED, text)
+                }
+            };
+            router.finish(key, reply, reply_to);
+        }));
+    }
+
+    /// Reply to the first caller and to every duplicate parked behind it.
+    fn finish(&mut self, key: Option<String>, reply: CommandReply, reply_to: ReplyTo) {
+        if let Some(key) = key {
+            for waiter in self.dedup.complete(&key, reply.clone(), Instant::now()) {
+                self.answer(waiter, reply.clone());
+            }
+        }
+        self.answer(reply_to, reply);
+    }
+
+    fn answer(&mut self, reply_to: ReplyTo, reply: CommandReply) {
+        match reply.code() {
+            None => self.counters.ok += 1,
+            Some(code) => {
+                let code = known_code(code);
+                *self.counters.errors.entry(code).or_default() += 1;
+            }
+        }
+        reply_to.send(&reply);
+    }
+
+    fn reject(&mut self, body: &[u8], err: WireError, reply_to: ReplyTo) {
+        debug!(router = self.settings.role, code = err.code, error = %err, "request rejected");
+        let echo = if err.code == code::TOO_LARGE {
+            Echo::default()
+        } else {
+            Echo::salvage(body)
+        };
+        self.answer(reply_to, CommandReply::error(echo, err.code, err.message));
+    }
+}
+
+/// Counter keys are static; a handler's own code is counted as `other`.
+fn known_code(value: &str) -> &'static str {
+    [
+        code::BAD_REQUEST,
+        code::UNKNOWN_COMMAND,
+        code::HANDLER_FAILED,
+        code::TIMEOUT,
+        code::OVERLOADED,
+        code::TOO_LARGE,
+        code::SHUTTING_DOWN,
+        code::NOT_FOUND,
+    ]
+    .into_iter()
+    .find(|known| *known == value)
+    .unwrap_or("other")
+}
+
+impl Actor for CommandRouter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        debug!(router = self.settings.role, "router started");
+    }
+}
+
+impl Handler<Inbound> for CommandRouter {
+    type Result = ();
+
+    fn handle(&mut self, inbound: Inbound, ctx: &mut Self::Context) {
+        self.counters.received += 1;
+        let reply_to = ReplyTo::Edge(inbound.reply);
+        match CommandRequest::decode(&inbound.body, self.settings.max_message_size) {
+            Ok(request) => self.accept(request, reply_to, ctx),
+            Err(err) => self.reject(&inbound.body, err, reply_to),
+        }
+    }
+}
+
+impl Handler<Dispatch> for CommandRouter {
+    type Result = ResponseFuture<CommandReply>;
+
+    fn handle(&mut self, dispatch: Dispatch, ctx: &mut Self::Context) -> Self::Result {
+        self.counters.received += 1;
+        let echo = dispatch.request.echo();
+        let (sender, receiver) = oneshot::channel();
+        self.accept(dispatch.request, ReplyTo::Local(sender), ctx);
+        Box::pin(async move {
+            receiver.await.unwrap_or_else(|_| {
+                CommandReply::error(echo, code::SHUTTING_DOWN, "the router stopped")
+            })
+        })
+    }
+}
+
+impl Handler<StopIntake> for CommandRouter {
+    type Result = usize;
+
+    fn handle(&mut self, _: StopIntake, _ctx: &mut Self::Context) -> usize {
+        self.intake_open = false;
+        self.in_flight
+    }
+}
+
+impl Handler<StatsQuery> for CommandRouter {
+    type Result = MessageResult<StatsQuery>;
+
+    fn handle(&mut self, _: StatsQuery, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(json!({
+            "role": self.settings.role,
+            "received": self.counters.received,
+            "ok": self.counters.ok,
+            "errors": self.counters.errors,
+            "in_flight": self.in_flight,
+            "duplicates": self.dedup.hits(),
+            "commands": self.routes.names(),
+        }))
+    }
+}
+
+impl Message for Inbound {
+    type Result = ();
+}
+
+/// Serve a [`Command`] with a plain function: the quickest way to register a
+/// small synchronous handler.
+pub struct FnHandler<F> {
+    function: F,
+}
+
+impl<F> FnHandler<F>
+where
+    F: FnMut(Command) -> Result<Value, HandlerError> + Unpin + 'static,
+{
+    pub fn new(function: F) -> Self {
+        Self { function }
+    }
+}
+
+impl<F: Unpin + 'static> Actor for FnHandler<F> {
+    type Context = Context<Self>;
+}
+
+impl<F> Handler<Command> for FnHandler<F>
+where
+    F: FnMut(Command) -> Result<Value, HandlerError> + Unpin + 'static,
+{
+    type Result = Result<Value, HandlerError>;
+
+    fn handle(&mut self, command: Command, _ctx: &mut Self::Context) -> Self::Result {
+        (self.function)(command)
+    }
+}

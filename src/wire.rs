@@ -36,7 +36,10 @@ pub struct WireError {
 
 impl WireError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { code: code::BAD_REQUEST, message: message.into() }
+        Self {
+            code: code::BAD_REQUEST,
+            message: message.into(),
+        }
     }
 }
 
@@ -54,11 +57,17 @@ pub fn parse_object(bytes: &[u8], max_size: usize) -> Result<Map<String, Value>,
     if max_size > 0 && bytes.len() > max_size {
         return Err(WireError {
             code: code::TOO_LARGE,
-            message: format!("message of {} bytes exceeds the limit of {max_size}", bytes.len()),
+            message: format!(
+                "message of {} bytes exceeds the limit of {max_size}",
+                bytes.len()
+            ),
         });
     }
     let text = std::str::from_utf8(bytes).map_err(|err| {
-        WireError::bad_request(format!("message is not UTF-8 (at byte {})", err.valid_up_to()))
+        WireError::bad_request(format!(
+            "message is not UTF-8 (at byte {})",
+            err.valid_up_to()
+        ))
     })?;
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
@@ -66,7 +75,9 @@ pub fn parse_object(bytes: &[u8], max_size: usize) -> Result<Map<String, Value>,
             "message must be a JSON object, got {}",
             json_kind(&other)
         ))),
-        Err(err) => Err(WireError::bad_request(format!("message is not valid JSON: {err}"))),
+        Err(err) => Err(WireError::bad_request(format!(
+            "message is not valid JSON: {err}"
+        ))),
     }
 }
 
@@ -82,8 +93,9 @@ fn json_kind(value: &Value) -> &'static str {
 }
 
 /// Message priority: 0 normal, 1 high, 2 urgent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[derive(Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(try_from = "u8", into = "u8")]
 pub enum Priority {
     #[default]
@@ -138,7 +150,11 @@ impl CommandRequest {
             Value::Null => Map::new(),
             other => Map::from_iter([("value".to_string(), other)]),
         };
-        Self { command: Some(command.into()), payload, ..Self::default() }
+        Self {
+            command: Some(command.into()),
+            payload,
+            ..Self::default()
+        }
     }
 
     /// Decode a request body.
@@ -193,7 +209,10 @@ impl CommandRequest {
 
     /// The identity a reply echoes for this request.
     pub fn echo(&self) -> Echo {
-        Echo { job_uuid: self.dedup_key().map(str::to_string), request_id: self.request_id.clone() }
+        Echo {
+            job_uuid: self.dedup_key().map(str::to_string),
+            request_id: self.request_id.clone(),
+        }
     }
 }
 
@@ -206,7 +225,10 @@ fn optional_string(map: &mut Map<String, Value>, key: &str) -> Result<Option<Str
 }
 
 fn wrong_type(key: &str, expected: &str, got: &Value) -> WireError {
-    WireError::bad_request(format!("field `{key}` must be {expected}, got {}", json_kind(got)))
+    WireError::bad_request(format!(
+        "field `{key}` must be {expected}, got {}",
+        json_kind(got)
+    ))
 }
 
 /// The identity a reply echoes: `job_uuid` (the request's `job_uuid`, else
@@ -226,15 +248,25 @@ impl Echo {
         };
         let text = |key: &str| map.get(key).and_then(Value::as_str).map(str::to_string);
         let request_id = text("request_id");
-        Echo { job_uuid: text("job_uuid").or_else(|| request_id.clone()), request_id }
+        Echo {
+            job_uuid: text("job_uuid").or_else(|| request_id.clone()),
+            request_id,
+        }
     }
 }
 
 /// The outcome of a command, as the wire carries it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommandReply {
-    Ok { echo: Echo, result: Value },
-    Error { echo: Echo, code: String, error: String },
+    Ok {
+        echo: Echo,
+        result: Value,
+    },
+    Error {
+        echo: Echo,
+        code: String,
+        error: String,
+    },
 }
 
 impl CommandReply {
@@ -243,7 +275,19 @@ impl CommandReply {
     }
 
     pub fn error(echo: Echo, code: impl Into<String>, error: impl Into<String>) -> Self {
-        CommandReply::Error { echo, code: code.into(), error: error.into() }
+        CommandReply::Error {
+            echo,
+            code: code.into(),
+            error: error.into(),
+        }
+    }
+
+    /// The same outcome addressed to another request's identity.
+    pub fn with_echo(mut self, new_echo: Echo) -> Self {
+        match &mut self {
+            CommandReply::Ok { echo, .. } | CommandReply::Error { echo, .. } => *echo = new_echo,
+        }
+        self
     }
 
     pub fn is_ok(&self) -> bool {
@@ -267,7 +311,10 @@ impl CommandReply {
         };
         let status = if self.is_ok() { "ok" } else { "error" };
         map.insert("status".into(), status.into());
-        map.insert("job_uuid".into(), echo.job_uuid.clone().map_or(Value::Null, Value::String));
+        map.insert(
+            "job_uuid".into(),
+            echo.job_uuid.clone().map_or(Value::Null, Value::String),
+        );
         if let Some(request_id) = &echo.request_id {
             map.insert("request_id".into(), request_id.clone().into());
         }
@@ -297,7 +344,10 @@ impl CommandReply {
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let map = parse_object(bytes, 0)?;
         let text = |key: &str| map.get(key).and_then(Value::as_str).map(str::to_string);
-        let echo = Echo { job_uuid: text("job_uuid"), request_id: text("request_id") };
+        let echo = Echo {
+            job_uuid: text("job_uuid"),
+            request_id: text("request_id"),
+        };
         match map.get("status").and_then(Value::as_str) {
             Some("ok") => Ok(CommandReply::Ok {
                 echo,
@@ -308,7 +358,9 @@ impl CommandReply {
                 code: text("code").unwrap_or_else(|| "error".into()),
                 error: text("error").unwrap_or_default(),
             }),
-            _ => Err(WireError::bad_request("reply has no `status` of `ok` or `error`")),
+            _ => Err(WireError::bad_request(
+                "reply has no `status` of `ok` or `error`",
+            )),
         }
     }
 }
@@ -370,9 +422,11 @@ impl Event {
     /// `bad_request` for a missing `event_type`, a key of the wrong type or
     /// any key outside the five.
     pub fn from_object(mut map: Map<String, Value>) -> Result<Self, WireError> {
-        map.entry("timestamp").or_insert_with(|| now_rfc3339().into());
+        map.entry("timestamp")
+            .or_insert_with(|| now_rfc3339().into());
         map.entry("source").or_insert_with(|| "remote".into());
-        map.entry("data").or_insert_with(|| Value::Object(Map::new()));
+        map.entry("data")
+            .or_insert_with(|| Value::Object(Map::new()));
         let event: Event = serde_json::from_value(Value::Object(map))
             .map_err(|err| WireError::bad_request(format!("not a valid event: {err}")))?;
         if event.event_type.is_empty() {
@@ -462,8 +516,12 @@ impl JobMessage {
 /// `2024-05-01T12:00:00.123456Z`; Python's `datetime.fromisoformat` reads it.
 pub fn now_rfc3339() -> String {
     let now = OffsetDateTime::now_utc();
-    let micros = now.replace_nanosecond(now.microsecond() * 1000).unwrap_or(now);
-    micros.format(&Rfc3339).unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+    let micros = now
+        .replace_nanosecond(now.microsecond() * 1000)
+        .unwrap_or(now);
+    micros
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
 }
 
 #[cfg(test)]
@@ -476,7 +534,10 @@ mod tests {
         let body = br#"{"job_uuid": "550e8400-e29b-41d4-a716-446655440000", "payload": {"symbol": "BTCUSDT", "interval": "15", "limit": 1000}}"#;
         let request = CommandRequest::decode(body, 0).unwrap();
         assert_eq!(request.command, None);
-        assert_eq!(request.job_uuid.as_deref(), Some("550e8400-e29b-41d4-a716-446655440000"));
+        assert_eq!(
+            request.job_uuid.as_deref(),
+            Some("550e8400-e29b-41d4-a716-446655440000")
+        );
         assert_eq!(request.payload["limit"], json!(1000));
         assert_eq!(request.priority, Priority::Normal);
     }
@@ -577,7 +638,10 @@ mod tests {
         assert_eq!(value.as_object().unwrap().len(), 7);
         assert_eq!(JobMessage::decode(&job.encode(), 0).unwrap(), job);
         let python = br#"{"job_id": "6c7e", "job_type": "fetch", "payload": {}, "priority": 2, "created_at": "2024-01-01T00:00:00", "retry_count": 1, "max_retries": 3}"#;
-        assert_eq!(JobMessage::decode(python, 0).unwrap().priority, Priority::Urgent);
+        assert_eq!(
+            JobMessage::decode(python, 0).unwrap().priority,
+            Priority::Urgent
+        );
     }
 
     #[test]

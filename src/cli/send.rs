@@ -1,1 +1,69 @@
-//! TODO
+//! `dgbit-bus send`: one command to a running bus, reply printed as JSON.
+
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{Map, Value};
+
+use super::AddressArgs;
+use crate::client::{BusClient, ClientOptions};
+use crate::wire::CommandReply;
+
+/// Options of `dgbit-bus send`.
+#[derive(Debug, Clone, Args)]
+pub struct SendArgs {
+    /// The command name, e.g. `ping`.
+    pub command: String,
+    /// The payload as a JSON object.
+    #[arg(default_value = "{}")]
+    pub payload: String,
+    /// Send to the data bus instead of the command bus.
+    #[arg(long)]
+    pub data: bool,
+    /// Seconds to wait for the reply.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout_s: f64,
+    /// `job_uuid` to put on the request (for deduplication).
+    #[arg(long)]
+    pub job_uuid: Option<String>,
+}
+
+/// Send the command and print the reply; an error reply exits non-zero.
+///
+/// # Errors
+///
+/// When the payload is not a JSON object, the bus cannot be reached, the
+/// request times out, or the bus answers with an error.
+pub fn run_send(args: &SendArgs, addresses: &AddressArgs) -> anyhow::Result<()> {
+    let payload: Map<String, Value> = serde_json::from_str(&args.payload)
+        .map_err(|err| anyhow::anyhow!("the payload must be a JSON object: {err}"))?;
+    let url = if args.data {
+        &addresses.data_address
+    } else {
+        &addresses.command_address
+    };
+    let mut request =
+        crate::wire::CommandRequest::new(args.command.clone(), Value::Object(payload));
+    request.job_uuid = args.job_uuid.clone();
+    let options = ClientOptions::default()
+        .timeout(Duration::from_secs_f64(args.timeout_s))
+        .connect_attempts(3, Duration::from_millis(200));
+    let reply = block_on(async {
+        let client = BusClient::connect(url, options).await?;
+        client.request(&request).await
+    })?;
+    println!("{}", reply.to_value());
+    match reply {
+        CommandReply::Ok { .. } => Ok(()),
+        CommandReply::Error { code, error, .. } => anyhow::bail!("{code}: {error}"),
+    }
+}
+
+/// Run a future to completion on a fresh single-threaded runtime.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime always builds")
+        .block_on(future)
+}

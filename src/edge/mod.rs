@@ -18,7 +18,7 @@ pub mod subscribe;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nng::options::{Options, RecvMaxSize, ReconnectMaxTime, ReconnectMinTime};
+use nng::options::{Options, ReconnectMaxTime, ReconnectMinTime, RecvMaxSize};
 use nng::{Dialer, DialerBuilder, Listener, ListenerBuilder, Socket};
 use tracing::{debug, warn};
 
@@ -84,14 +84,19 @@ pub fn listen(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Liste
     if let Some(path) = ipc_path(url) {
         clear_stale_ipc_file(url, &path)?;
     }
-    let listen_error = |source| EdgeError::Listen { url: url.to_string(), source };
+    let listen_error = |source| EdgeError::Listen {
+        url: url.to_string(),
+        source,
+    };
     let builder = ListenerBuilder::new(socket, url).map_err(listen_error)?;
     if ipc_path(url).is_some() {
         builder
             .set_opt::<nng::options::transport::ipc::Permissions>(options.ipc_permissions)
             .map_err(listen_error)?;
     }
-    let listener = builder.start().map_err(|(_, source)| listen_error(source))?;
+    let listener = builder
+        .start()
+        .map_err(|(_, source)| listen_error(source))?;
     debug!(url, "listening");
     Ok(listener)
 }
@@ -104,16 +109,27 @@ pub fn listen(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Liste
 /// [`EdgeError::Dial`] when the URL is malformed or its transport unknown.
 pub fn dial(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Dialer, EdgeError> {
     socket.set_opt::<RecvMaxSize>(hard_receive_limit(options.max_message_size))?;
-    let dial_error = |source| EdgeError::Dial { url: url.to_string(), source };
+    let dial_error = |source| EdgeError::Dial {
+        url: url.to_string(),
+        source,
+    };
     let builder = DialerBuilder::new(socket, url).map_err(dial_error)?;
-    builder.set_opt::<ReconnectMinTime>(Some(options.reconnect_min)).map_err(dial_error)?;
-    builder.set_opt::<ReconnectMaxTime>(Some(options.reconnect_max)).map_err(dial_error)?;
-    builder.start(true).map_err(|(_, source)| dial_error(source))
+    builder
+        .set_opt::<ReconnectMinTime>(Some(options.reconnect_min))
+        .map_err(dial_error)?;
+    builder
+        .set_opt::<ReconnectMaxTime>(Some(options.reconnect_max))
+        .map_err(dial_error)?;
+    builder
+        .start(true)
+        .map_err(|(_, source)| dial_error(source))
 }
 
 /// The file system path of an `ipc://` URL.
 pub fn ipc_path(url: &str) -> Option<PathBuf> {
-    url.strip_prefix("ipc://").filter(|path| !path.is_empty()).map(PathBuf::from)
+    url.strip_prefix("ipc://")
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from)
 }
 
 /// Remove the ipc file at `path` if nothing answers on it.
@@ -122,7 +138,9 @@ fn clear_stale_ipc_file(url: &str, path: &Path) -> Result<(), EdgeError> {
         return Ok(());
     }
     match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(EdgeError::InUse { url: url.to_string() }),
+        Ok(_) => Err(EdgeError::InUse {
+            url: url.to_string(),
+        }),
         Err(_) => {
             warn!(path = %path.display(), "removing stale ipc socket file");
             let _ = std::fs::remove_file(path);
@@ -174,7 +192,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mode.ipc");
         let socket = Socket::new(Protocol::Rep0).unwrap();
-        let options = EdgeOptions { ipc_permissions: 0o600, ..EdgeOptions::default() };
+        let options = EdgeOptions {
+            ipc_permissions: 0o600,
+            ..EdgeOptions::default()
+        };
         listen(&socket, &format!("ipc://{}", path.display()), &options).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
