@@ -1,6 +1,7 @@
-//! The bus's own commands: `ping` and `status` on both buses.
+//! The bus's own commands: `ping`, `echo` and `status` on both buses.
 //!
-//! `ping` answers `{"pong": true, "time": ...}`. `status` answers the
+//! `ping` answers `{"pong": true, "time": ...}`; `echo` answers
+//! `{"echo": <the payload>}` (for checking a peer's framing and sizes). `status` answers the
 //! bus's identity, uptime and the counters of every role, each asked with a
 //! [`StatsQuery`]; a role that does not answer within a second shows as
 //! `{"error": "no answer"}` rather than holding up the reply.
@@ -16,14 +17,14 @@ use crate::wire::now_rfc3339;
 /// How long `status` waits for one role's counters.
 const STATS_ANSWER_LIMIT: Duration = Duration::from_secs(1);
 
-/// Serves `ping` and `status`.
-pub struct BusStatus {
+/// Serves `ping`, `echo` and `status`.
+pub struct BuiltinCommands {
     service_name: String,
     started: Instant,
     roles: Vec<(String, Recipient<StatsQuery>)>,
 }
 
-impl BusStatus {
+impl BuiltinCommands {
     pub fn new(service_name: impl Into<String>) -> Self {
         Self {
             service_name: service_name.into(),
@@ -39,17 +40,21 @@ impl BusStatus {
     }
 }
 
-impl Actor for BusStatus {
+impl Actor for BuiltinCommands {
     type Context = Context<Self>;
 }
 
-impl Handler<Command> for BusStatus {
+impl Handler<Command> for BuiltinCommands {
     type Result = ResponseFuture<Result<Value, HandlerError>>;
 
     fn handle(&mut self, command: Command, _ctx: &mut Self::Context) -> Self::Result {
         match command.name.as_str() {
             "ping" => {
                 let reply = json!({"pong": true, "time": now_rfc3339()});
+                Box::pin(async move { Ok(reply) })
+            }
+            "echo" => {
+                let reply = json!({"echo": command.request.payload});
                 Box::pin(async move { Ok(reply) })
             }
             "status" => {
@@ -63,7 +68,7 @@ impl Handler<Command> for BusStatus {
                 Box::pin(async move { Ok(status_reply(head, roles).await) })
             }
             other => {
-                let text = format!("BusStatus does not serve `{other}`");
+                let text = format!("BuiltinCommands does not serve `{other}`");
                 Box::pin(
                     async move { Err(HandlerError::new(crate::wire::code::UNKNOWN_COMMAND, text)) },
                 )
@@ -91,7 +96,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn ping_answers_pong() {
-        let status = BusStatus::new("test").start();
+        let status = BuiltinCommands::new("test").start();
         let reply = status
             .send(Command::new("ping", json!({})))
             .await
@@ -114,7 +119,7 @@ mod tests {
             }
         }
         let live = Quiet.start();
-        let status = BusStatus::new("test")
+        let status = BuiltinCommands::new("test")
             .with_role("live", live.clone().recipient())
             .with_role("dead", live.recipient())
             .start();

@@ -26,7 +26,7 @@
 
 use actix::prelude::*;
 
-use crate::builtin::BusStatus;
+use crate::builtin::BuiltinCommands;
 use crate::config::BusConfig;
 use crate::edge::rep::{InboundSink, RepEdge};
 use crate::edge::{EdgeError, EdgeOptions};
@@ -89,13 +89,13 @@ impl BusBuilder {
         let command_router = start_router(&config, "command", self.command_routes.clone());
         let data_router = start_router(&config, "data", self.data_routes.clone());
 
-        let status = BusStatus::new(config.service_name.clone())
+        let status = BuiltinCommands::new(config.service_name.clone())
             .with_role("command", command_router.clone().recipient())
             .with_role("data", data_router.clone().recipient())
             .start();
         for routes in [&self.command_routes, &self.data_routes] {
-            for name in ["ping", "status"] {
-                routes.register(name, status.clone().recipient());
+            for name in ["ping", "echo", "status"] {
+                routes.register_default(name, status.clone().recipient());
             }
         }
 

@@ -46,6 +46,13 @@ impl RouteTable {
         self.write().insert(name.into(), resolver);
     }
 
+    /// Route `name` to `handler` unless something already serves it.
+    pub fn register_default(&self, name: impl Into<String>, handler: Recipient<Command>) {
+        self.write()
+            .entry(name.into())
+            .or_insert_with(|| Arc::new(move || Some(handler.clone())));
+    }
+
     pub fn unregister(&self, name: &str) -> bool {
         self.write().remove(name).is_some()
     }
