@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run every test of dgbit-bus: set-up, format and lint checks, the workspace's
+# unit and integration tests (real NNG sockets, Python peers), every example
+# built, and a short smoke pass of the benchmark.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+export PATH="$root/.venv/bin:$PATH"
+
+cargo build --workspace --all-targets
+cargo test --workspace -- --test-threads=2
