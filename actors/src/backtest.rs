@@ -86,11 +86,16 @@ impl StrategyParams {
             )));
         }
         if !(0.0..1.0).contains(&self.fee) {
-            return Err(ParamError(format!("fee must be in [0, 1), got {}", self.fee)));
+            return Err(ParamError(format!(
+                "fee must be in [0, 1), got {}",
+                self.fee
+            )));
         }
         if !(self.initial_capital.is_finite() && self.initial_capital > 0.0) {
             let capital = self.initial_capital;
-            return Err(ParamError(format!("initial_capital must be above zero, got {capital}")));
+            return Err(ParamError(format!(
+                "initial_capital must be above zero, got {capital}"
+            )));
         }
         Ok(())
     }
@@ -142,7 +147,11 @@ pub enum BacktestStep<'a> {
     /// A position was closed.
     Exited { trade: &'a Trade },
     /// `bars_done` of `bars_total` bars are processed (`percent` of them).
-    Progress { percent: usize, bars_done: usize, bars_total: usize },
+    Progress {
+        percent: usize,
+        bars_done: usize,
+        bars_total: usize,
+    },
 }
 
 /// Run the strategy over `bars` (oldest first).
@@ -304,13 +313,21 @@ impl Account {
     }
 
     fn into_report(self, bars: usize) -> BacktestReport {
-        let wins = self.trades.iter().filter(|trade| trade.net_return > 0.0).count();
+        let wins = self
+            .trades
+            .iter()
+            .filter(|trade| trade.net_return > 0.0)
+            .count();
         let total_trades = self.trades.len();
         BacktestReport {
             bars,
             total_trades,
             wins,
-            win_rate: if total_trades == 0 { 0.0 } else { wins as f64 / total_trades as f64 },
+            win_rate: if total_trades == 0 {
+                0.0
+            } else {
+                wins as f64 / total_trades as f64
+            },
             net_return: self.cash / self.initial_capital - 1.0,
             max_drawdown: self.max_drawdown,
             initial_capital: self.initial_capital,
@@ -330,7 +347,10 @@ struct ProgressMarks {
 
 impl ProgressMarks {
     fn new(total: usize) -> Self {
-        Self { total, next_percent: 100 / PROGRESS_STEPS }
+        Self {
+            total,
+            next_percent: 100 / PROGRESS_STEPS,
+        }
     }
 
     fn after(&mut self, index: usize) -> Option<BacktestStep<'static>> {
@@ -342,7 +362,11 @@ impl ProgressMarks {
         let step = 100 / PROGRESS_STEPS;
         // Skip every mark this bar passed, so a short series reports once per bar.
         self.next_percent = (percent / step + 1) * step;
-        Some(BacktestStep::Progress { percent, bars_done, bars_total: self.total })
+        Some(BacktestStep::Progress {
+            percent,
+            bars_done,
+            bars_total: self.total,
+        })
     }
 }
 
@@ -369,11 +393,19 @@ mod tests {
     }
 
     fn params(fast: usize, slow: usize, fee: f64, initial_capital: f64) -> StrategyParams {
-        StrategyParams { fast, slow, fee, initial_capital }
+        StrategyParams {
+            fast,
+            slow,
+            fee,
+            initial_capital,
+        }
     }
 
     fn assert_close(actual: f64, expected: f64, what: &str) {
-        assert!((actual - expected).abs() < TOLERANCE, "{what}: {actual} != {expected}");
+        assert!(
+            (actual - expected).abs() < TOLERANCE,
+            "{what}: {actual} != {expected}"
+        );
     }
 
     #[test]
@@ -386,7 +418,10 @@ mod tests {
 
         assert_eq!(report.total_trades, 1);
         let trade = &report.trades[0];
-        assert_eq!((trade.entry_time.as_str(), trade.entry_price), ("t04", 11.0));
+        assert_eq!(
+            (trade.entry_time.as_str(), trade.entry_price),
+            ("t04", 11.0)
+        );
         assert_eq!((trade.exit_time.as_str(), trade.exit_price), ("t07", 8.0));
         assert_eq!(trade.exit_reason, ExitReason::Cross);
         assert_close(trade.net_return, 8.0 / 11.0 - 1.0, "trade return");
@@ -414,11 +449,37 @@ mod tests {
         assert_eq!(report.trades[1].exit_time, "t11");
         assert_eq!(report.trades[1].exit_reason, ExitReason::EndOfData);
         assert_eq!((report.wins, report.win_rate), (1, 0.5));
-        assert_close(report.net_return, (1.0 + first) * (1.0 + second) - 1.0, "net return");
-        assert_close(report.final_equity, 1000.0 * (1.0 + first) * (1.0 + second), "equity");
+        assert_close(
+            report.net_return,
+            (1.0 + first) * (1.0 + second) - 1.0,
+            "net return",
+        );
+        assert_close(
+            report.final_equity,
+            1000.0 * (1.0 + first) * (1.0 + second),
+            "equity",
+        );
         // Peak: 1000*0.99*8/6 at bar 5. Trough: just after the second buy,
         // 1000*0.99^3*5/6. Their ratio is 0.99^2*5/8.
         assert_close(report.max_drawdown, 1.0 - kept * 5.0 / 8.0, "max drawdown");
+    }
+
+    #[test]
+    fn a_rise_from_a_tie_is_an_up_cross_and_a_last_bar_down_cross_is_a_cross_exit() {
+        // fast=1, slow=2: spread is half the bar-to-bar change: -0.5, 0 (a
+        // tie), +1 (up cross from the tie, buy at 4), -1.5 (down cross on
+        // the last bar, sell at 1).
+        let report = run(&bars(&[3.0, 2.0, 2.0, 4.0, 1.0]), &params(1, 2, 0.0, 8.0)).unwrap();
+        assert_eq!(report.total_trades, 1);
+        let trade = &report.trades[0];
+        assert_eq!((trade.entry_time.as_str(), trade.entry_price), ("t03", 4.0));
+        assert_eq!(
+            (trade.exit_time.as_str(), trade.exit_reason),
+            ("t04", ExitReason::Cross)
+        );
+        assert_close(trade.net_return, 1.0 / 4.0 - 1.0, "trade return");
+        assert_close(report.final_equity, 2.0, "final equity");
+        assert_close(report.max_drawdown, 0.75, "max drawdown");
     }
 
     #[test]
@@ -426,13 +487,20 @@ mod tests {
         // fast=1, slow=2: close minus the 2-bar mean is -0.5, -0.5, +2.
         let report = run(&bars(&[3.0, 2.0, 1.0, 5.0]), &params(1, 2, 0.001, 50.0)).unwrap();
         assert_eq!(report.total_trades, 0);
-        assert_eq!((report.net_return, report.max_drawdown, report.final_equity), (0.0, 0.0, 50.0));
+        assert_eq!(
+            (report.net_return, report.max_drawdown, report.final_equity),
+            (0.0, 0.0, 50.0)
+        );
     }
 
     #[test]
     fn a_down_cross_while_flat_opens_no_short() {
         // fast=1, slow=2: spread +0.5, +0.5, -0.5 (down cross at bar 3), -0.5, -0.25.
-        let report = run(&bars(&[1.0, 2.0, 3.0, 2.0, 1.0, 0.5]), &params(1, 2, 0.0, 10.0)).unwrap();
+        let report = run(
+            &bars(&[1.0, 2.0, 3.0, 2.0, 1.0, 0.5]),
+            &params(1, 2, 0.0, 10.0),
+        )
+        .unwrap();
         assert_eq!(report.total_trades, 0);
         assert_eq!(report.final_equity, 10.0);
     }
@@ -462,13 +530,35 @@ mod tests {
     fn parameters_that_cannot_run_are_refused() {
         let defaults = StrategyParams::default();
         let bad = [
-            StrategyParams { fast: 0, ..defaults },
-            StrategyParams { fast: 30, slow: 30, ..defaults },
-            StrategyParams { fee: 1.0, ..defaults },
-            StrategyParams { fee: -0.01, ..defaults },
-            StrategyParams { fee: f64::NAN, ..defaults },
-            StrategyParams { initial_capital: 0.0, ..defaults },
-            StrategyParams { initial_capital: f64::INFINITY, ..defaults },
+            StrategyParams {
+                fast: 0,
+                ..defaults
+            },
+            StrategyParams {
+                fast: 30,
+                slow: 30,
+                ..defaults
+            },
+            StrategyParams {
+                fee: 1.0,
+                ..defaults
+            },
+            StrategyParams {
+                fee: -0.01,
+                ..defaults
+            },
+            StrategyParams {
+                fee: f64::NAN,
+                ..defaults
+            },
+            StrategyParams {
+                initial_capital: 0.0,
+                ..defaults
+            },
+            StrategyParams {
+                initial_capital: f64::INFINITY,
+                ..defaults
+            },
         ];
         for params in bad {
             assert!(run(&bars(&[1.0; 40]), &params).is_err(), "{params:?}");
@@ -480,11 +570,15 @@ mod tests {
     fn progress_is_reported_once_per_quarter_or_per_bar_when_short() {
         let percents = |count: usize| {
             let mut seen = Vec::new();
-            run_observed(&bars(&vec![1.0; count]), &StrategyParams::default(), &mut |step| {
-                if let BacktestStep::Progress { percent, .. } = step {
-                    seen.push(percent);
-                }
-            })
+            run_observed(
+                &bars(&vec![1.0; count]),
+                &StrategyParams::default(),
+                &mut |step| {
+                    if let BacktestStep::Progress { percent, .. } = step {
+                        seen.push(percent);
+                    }
+                },
+            )
             .unwrap();
             seen
         };
@@ -518,14 +612,21 @@ mod tests {
         assert!(first.total_trades > 0);
         assert!((0.0..=1.0).contains(&first.win_rate));
         assert!((0.0..1.0).contains(&first.max_drawdown));
-        assert_close(first.net_return, first.final_equity / first.initial_capital - 1.0, "net");
+        assert_close(
+            first.net_return,
+            first.final_equity / first.initial_capital - 1.0,
+            "net",
+        );
         for trade in &first.trades {
             assert!(trade.entry_time < trade.exit_time, "{trade:?}");
         }
         for pair in first.trades.windows(2) {
             assert!(pair[0].exit_time < pair[1].entry_time, "{pair:?}");
         }
-        let compounded = first.trades.iter().fold(1.0, |equity, t| equity * (1.0 + t.net_return));
+        let compounded = first
+            .trades
+            .iter()
+            .fold(1.0, |equity, t| equity * (1.0 + t.net_return));
         assert!((compounded - 1.0 - first.net_return).abs() < 1e-9);
     }
 }

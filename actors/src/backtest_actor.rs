@@ -34,8 +34,8 @@
 //! The backtest is CPU work done synchronously inside the handler. That is
 //! fine here: 5000 bars take milliseconds. A handler that computes for
 //! seconds would stall every other actor on its arbiter; such work belongs in
-//! an actor started with `SyncArbiter::start` (its own threads), or in
-//! `actix::Arbiter`-separated actors.
+//! an actor with a `SyncContext`, started on its own threads with
+//! `SyncArbiter::start`.
 
 use std::sync::Arc;
 
@@ -72,7 +72,12 @@ impl BacktestActor {
     /// A backtester reading bars from `store` and publishing to `events`
     /// (use [`EventSink::discard`] to publish nothing).
     pub fn new(store: Arc<KlineStore>, events: EventSink) -> Self {
-        Self { store, events, source: EVENT_SOURCE.to_string(), counters: ServedCounters::new() }
+        Self {
+            store,
+            events,
+            source: EVENT_SOURCE.to_string(),
+            counters: ServedCounters::new(),
+        }
     }
 
     /// Publish events with `source` instead of [`EVENT_SOURCE`].
@@ -95,14 +100,24 @@ impl BacktestActor {
         progress: &ProgressReporter,
     ) -> Result<Value, HandlerError> {
         let request = BacktestRequest::from_payload(payload)?;
-        let series = self.store.series(&request.series.symbol, &request.series.interval)?;
+        let series = self
+            .store
+            .series(&request.series.symbol, &request.series.interval)?;
         let bars = request.series.select(&series);
 
-        let trades = TradeEvents { actor: self, job_id, series: &request.series };
+        let trades = TradeEvents {
+            actor: self,
+            job_id,
+            series: &request.series,
+        };
         let report = backtest::run_observed(bars, &request.params, &mut |step| match step {
             BacktestStep::Entered { bar } => trades.entered(bar),
             BacktestStep::Exited { trade } => trades.exited(trade),
-            BacktestStep::Progress { percent, bars_done, bars_total } => {
+            BacktestStep::Progress {
+                percent,
+                bars_done,
+                bars_total,
+            } => {
                 progress.report(json!({
                     "percent": percent, "bars_done": bars_done, "bars_total": bars_total,
                 }));
@@ -141,7 +156,9 @@ impl BacktestRequest {
             initial_capital: payload::number(payload, "initial_capital")?
                 .unwrap_or(defaults.initial_capital),
         };
-        params.validate().map_err(|err| HandlerError::bad_request(err.to_string()))?;
+        params
+            .validate()
+            .map_err(|err| HandlerError::bad_request(err.to_string()))?;
         Ok(Self { series, params })
     }
 }
@@ -194,7 +211,10 @@ impl TradeEvents<'_> {
     fn data(&self, price: f64, time: &str) -> Map<String, Value> {
         let mut data = Map::new();
         data.insert("job_id".into(), json!(self.job_id));
-        data.insert("symbol".into(), json!(self.series.symbol.to_ascii_uppercase()));
+        data.insert(
+            "symbol".into(),
+            json!(self.series.symbol.to_ascii_uppercase()),
+        );
         data.insert("interval".into(), json!(self.series.interval));
         data.insert("side".into(), json!("long"));
         data.insert("price".into(), json!(price));
@@ -222,7 +242,11 @@ impl Handler<Command> for BacktestActor {
     fn handle(&mut self, command: Command, _ctx: &mut Self::Context) -> Self::Result {
         self.counters.record_command(&command.name);
         let job_id = command.request.dedup_key();
-        let outcome = self.run(job_id, &command.request.payload, &ProgressReporter::discard());
+        let outcome = self.run(
+            job_id,
+            &command.request.payload,
+            &ProgressReporter::discard(),
+        );
         log_refusal(job_id, &outcome);
         outcome
     }
@@ -242,6 +266,11 @@ impl Handler<RunJob> for BacktestActor {
 
 fn log_refusal(job_id: Option<&str>, outcome: &Result<Value, HandlerError>) {
     if let Err(err) = outcome {
-        tracing::debug!(job_id = job_id.unwrap_or("-"), code = %err.code, error = %err.message, "backtest refused");
+        tracing::debug!(
+            job_id = job_id.unwrap_or("-"),
+            code = %err.code,
+            error = %err.message,
+            "backtest refused"
+        );
     }
 }

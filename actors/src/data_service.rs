@@ -2,13 +2,18 @@
 //!
 //! | command | payload | result |
 //! |---|---|---|
-//! | `GET_KLINES` | `{"symbol", "interval", "limit"?}` (see [`SeriesRequest`]) | `[{"time", "open", "high", "low", "close", "volume"}, ...]`, oldest first; with `limit`, the most recent `limit` bars |
-//! | `GET_SYMBOLS` | none | `{"symbols": [{"symbol": "EURUSD", "intervals": ["60"]}, ...]}` |
+//! | `GET_KLINES` | [`SeriesRequest`] | bars, see below |
+//! | `GET_SYMBOLS` | none | `{"symbols": [{"symbol", "intervals"}, ...]}` |
 //! | `GET_TICKERS` | none | `{"tickers": [{"symbol", "interval", "time", "close"}, ...]}` |
 //! | `GET_CACHE_STATUS` | none | `{"directory", "entries", "bars", "hits", "misses"}` |
 //! | `CLEAR_CACHE` | none | `{"cleared": <series dropped>}` |
 //! | `ping` | none | `"pong"` |
 //! | `BACKFILL` | any | always the error `not_supported` |
+//!
+//! `GET_KLINES` takes `{"symbol": "EURUSD", "interval": "60", "limit": 100}`
+//! (`limit` optional) and answers a list of bars oldest first, each
+//! `{"time", "open", "high", "low", "close", "volume"}`: every bar of the
+//! series, or with `limit` the most recent `limit` of them.
 //!
 //! This service is offline: it serves files and fetches nothing. So
 //! `GET_TICKERS` answers locally with each symbol's last close from its
@@ -28,7 +33,7 @@ use dgbit_bus::message::{Command, HandlerError};
 use dgbit_bus::wire::code;
 use serde_json::{json, Value};
 
-use crate::klines::KlineStore;
+use crate::klines::{Bar, KlineStore};
 use crate::payload::SeriesRequest;
 use crate::status::ServedCounters;
 
@@ -46,8 +51,15 @@ pub mod commands {
     pub const PING: &str = "ping";
 
     /// Every name above, to register the service under each.
-    pub const ALL: [&str; 7] =
-        [GET_KLINES, GET_SYMBOLS, GET_TICKERS, BACKFILL, GET_CACHE_STATUS, CLEAR_CACHE, PING];
+    pub const ALL: [&str; 7] = [
+        GET_KLINES,
+        GET_SYMBOLS,
+        GET_TICKERS,
+        BACKFILL,
+        GET_CACHE_STATUS,
+        CLEAR_CACHE,
+        PING,
+    ];
 }
 
 /// The data bus's handler actor. See the module docs for its commands.
@@ -63,7 +75,10 @@ pub struct DataService {
 impl DataService {
     /// A service over `store`, with its own served counters.
     pub fn new(store: Arc<KlineStore>) -> Self {
-        Self { store, counters: ServedCounters::new() }
+        Self {
+            store,
+            counters: ServedCounters::new(),
+        }
     }
 
     /// Count served commands in `counters` (shared with a `StatusActor`).
@@ -83,7 +98,10 @@ impl DataService {
             commands::PING => Ok(json!("pong")),
             other => Err(HandlerError::new(
                 code::UNKNOWN_COMMAND,
-                format!("the data service has no command {other:?}; it knows {:?}", commands::ALL),
+                format!(
+                    "the data service has no command {other:?}; it knows {:?}",
+                    commands::ALL
+                ),
             )),
         }
     }
@@ -107,7 +125,7 @@ impl DataService {
     fn tickers(&self) -> Result<Value, HandlerError> {
         let mut tickers = Vec::new();
         for (symbol, intervals) in self.store.catalog()? {
-            let mut latest: Option<(String, crate::klines::Bar)> = None;
+            let mut latest: Option<(String, Bar)> = None;
             for interval in intervals {
                 let Some(last) = self.store.series(&symbol, &interval)?.last().cloned() else {
                     continue;

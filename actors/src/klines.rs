@@ -79,7 +79,11 @@ pub enum KlineError {
 
     /// A line of a file is not a valid bar or header.
     #[error("{}:{line}: {reason}", .path.display())]
-    Parse { path: PathBuf, line: usize, reason: String },
+    Parse {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
 }
 
 impl KlineError {
@@ -152,7 +156,10 @@ impl SeriesKey {
 
 fn checked_name<'a>(field: &'static str, value: &'a str) -> Result<&'a str, KlineError> {
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(KlineError::InvalidName { field, value: value.to_string() });
+        return Err(KlineError::InvalidName {
+            field,
+            value: value.to_string(),
+        });
     }
     Ok(value)
 }
@@ -196,7 +203,11 @@ impl KlineStore {
 
     /// A store reading this crate's `fixtures/klines` directory.
     pub fn fixtures() -> Self {
-        Self::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("klines"))
+        Self::new(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures")
+                .join("klines"),
+        )
     }
 
     /// The directory this store reads.
@@ -225,7 +236,12 @@ impl KlineStore {
         // both parse it, and the second insert replaces an equal value.
         let bars: Arc<[Bar]> = self.load(&key)?.into();
         self.lock_cache().insert(key.clone(), Arc::clone(&bars));
-        tracing::debug!(symbol = %key.symbol, interval = %key.interval, bars = bars.len(), "series cached");
+        tracing::debug!(
+            symbol = %key.symbol,
+            interval = %key.interval,
+            bars = bars.len(),
+            "series cached"
+        );
         Ok(bars)
     }
 
@@ -236,7 +252,10 @@ impl KlineStore {
     ///
     /// [`KlineError::Io`] when the directory cannot be listed.
     pub fn catalog(&self) -> Result<BTreeMap<String, Vec<String>>, KlineError> {
-        let io_error = |source| KlineError::Io { path: self.dir.clone(), source };
+        let io_error = |source| KlineError::Io {
+            path: self.dir.clone(),
+            source,
+        };
         let mut catalog: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir).map_err(io_error)? {
             let name = entry.map_err(io_error)?.file_name();
@@ -306,12 +325,20 @@ impl KlineStore {
 /// [`KlineError::Parse`] naming `path` and the 1-based line number of the
 /// first line that is not a valid header or bar (see the module docs).
 pub fn parse_csv(text: &str, path: &Path) -> Result<Vec<Bar>, KlineError> {
-    let parse_error =
-        |line: usize, reason: String| KlineError::Parse { path: path.to_path_buf(), line, reason };
+    let parse_error = |line: usize, reason: String| KlineError::Parse {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    };
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut lines = text.lines().enumerate().map(|(index, line)| (index + 1, line));
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .map(|(index, line)| (index + 1, line));
 
-    let (_, header) = lines.next().ok_or_else(|| parse_error(1, "file is empty".into()))?;
+    let (_, header) = lines
+        .next()
+        .ok_or_else(|| parse_error(1, "file is empty".into()))?;
     check_header(header).map_err(|reason| parse_error(1, reason))?;
 
     let mut bars: Vec<Bar> = Vec::new();
@@ -329,11 +356,16 @@ pub fn parse_csv(text: &str, path: &Path) -> Result<Vec<Bar>, KlineError> {
 fn check_header(line: &str) -> Result<(), String> {
     let columns: Vec<&str> = line.split(',').map(str::trim).collect();
     let matches = columns.len() == 1 + VALUE_COLUMNS.len()
-        && columns[1..].iter().zip(VALUE_COLUMNS).all(|(got, want)| got.eq_ignore_ascii_case(want));
+        && columns[1..]
+            .iter()
+            .zip(VALUE_COLUMNS)
+            .all(|(got, want)| got.eq_ignore_ascii_case(want));
     if matches {
         Ok(())
     } else {
-        Err(format!("header must be \",Open,High,Low,Close,Volume\", got {line:?}"))
+        Err(format!(
+            "header must be \",Open,High,Low,Close,Volume\", got {line:?}"
+        ))
     }
 }
 
@@ -443,11 +475,21 @@ mod tests {
     #[test]
     fn each_kind_of_bad_line_is_reported_with_its_line_number() {
         assert_eq!(parse_error_at("2024-01-01,1,1,1,1\n").0, 2);
-        assert!(parse_error_at("2024-01-01,1,1,1,1\n").1.contains("expected 6 fields, got 5"));
-        assert!(parse_error_at(",1,1,1,1,1\n").1.contains("time field is empty"));
-        assert!(parse_error_at("t,1,1,1,0,1\n").1.contains("Close \"0\" must be above zero"));
-        assert!(parse_error_at("t,1,1,1,1,-2\n").1.contains("Volume -2 must not be negative"));
-        assert!(parse_error_at("t,1,1,inf,1,1\n").1.contains("not a finite number"));
+        assert!(parse_error_at("2024-01-01,1,1,1,1\n")
+            .1
+            .contains("expected 6 fields, got 5"));
+        assert!(parse_error_at(",1,1,1,1,1\n")
+            .1
+            .contains("time field is empty"));
+        assert!(parse_error_at("t,1,1,1,0,1\n")
+            .1
+            .contains("Close \"0\" must be above zero"));
+        assert!(parse_error_at("t,1,1,1,1,-2\n")
+            .1
+            .contains("Volume -2 must not be negative"));
+        assert!(parse_error_at("t,1,1,inf,1,1\n")
+            .1
+            .contains("not a finite number"));
         let (line, reason) = parse_error_at("b,1,1,1,1,1\n\na,1,1,1,1,1\n");
         assert_eq!(line, 4);
         assert!(reason.contains("\"a\" is not after \"b\""), "{reason}");
@@ -456,7 +498,10 @@ mod tests {
     #[test]
     fn a_wrong_header_or_an_empty_file_is_an_error_on_line_one() {
         let err = parse_csv("time,open,high\n", Path::new("x.csv")).unwrap_err();
-        assert!(err.to_string().starts_with("x.csv:1: header must be"), "{err}");
+        assert!(
+            err.to_string().starts_with("x.csv:1: header must be"),
+            "{err}"
+        );
         let err = parse_csv("", Path::new("x.csv")).unwrap_err();
         assert_eq!(err.to_string(), "x.csv:1: file is empty");
     }
@@ -491,11 +536,22 @@ mod tests {
         store.series("AAA", "5").unwrap();
         store.series("aaa", "5").unwrap();
         let status = store.cache_status();
-        assert_eq!(status, CacheStatus { entries: 1, bars: 2, hits: 1, misses: 1 });
+        assert_eq!(
+            status,
+            CacheStatus {
+                entries: 1,
+                bars: 2,
+                hits: 1,
+                misses: 1
+            }
+        );
 
         assert_eq!(store.clear_cache(), 1);
         let status = store.cache_status();
-        assert_eq!((status.entries, status.bars, status.hits, status.misses), (0, 0, 1, 1));
+        assert_eq!(
+            (status.entries, status.bars, status.hits, status.misses),
+            (0, 0, 1, 1)
+        );
         store.series("AAA", "5").unwrap();
         assert_eq!(store.cache_status().misses, 2);
     }
@@ -516,7 +572,10 @@ mod tests {
             "no klines for symbol CCC interval \"5\" (looked for CCC_5.csv); \
              available: AAA [5, D], BBB [60]"
         );
-        assert_eq!(store.series("AAA", "d").unwrap_err().code(), code::NOT_FOUND);
+        assert_eq!(
+            store.series("AAA", "d").unwrap_err().code(),
+            code::NOT_FOUND
+        );
     }
 
     #[test]
@@ -530,7 +589,10 @@ mod tests {
     #[test]
     fn a_file_that_fails_to_parse_is_not_cached() {
         let (_dir, store) = store_with(&[("BAD_1.csv", ",Open\n")]);
-        assert!(matches!(store.series("BAD", "1"), Err(KlineError::Parse { line: 1, .. })));
+        assert!(matches!(
+            store.series("BAD", "1"),
+            Err(KlineError::Parse { line: 1, .. })
+        ));
         assert_eq!(store.cache_status().entries, 0);
     }
 }

@@ -63,7 +63,10 @@ pub fn data_handlers(
     counters: ServedCounters,
 ) -> Vec<(&'static str, Recipient<Command>)> {
     let service = DataService::new(store).with_counters(counters).start();
-    data_service::commands::ALL.iter().map(|&name| (name, service.clone().recipient())).collect()
+    data_service::commands::ALL
+        .iter()
+        .map(|&name| (name, service.clone().recipient()))
+        .collect()
 }
 
 /// Start a [`BacktestActor`] and a [`StatusActor`] (named `worker`) and
@@ -81,9 +84,14 @@ pub fn command_handlers(
     worker: impl Into<String>,
     counters: ServedCounters,
 ) -> Vec<(&'static str, Recipient<Command>)> {
-    let backtest = BacktestActor::new(store, events).with_counters(counters.clone()).start();
+    let backtest = BacktestActor::new(store, events)
+        .with_counters(counters.clone())
+        .start();
     let status = StatusActor::new(worker).with_counters(counters).start();
-    vec![(RUN_BACKTEST, backtest.recipient()), (STATUS, status.recipient())]
+    vec![
+        (RUN_BACKTEST, backtest.recipient()),
+        (STATUS, status.recipient()),
+    ]
 }
 
 /// Start a [`BacktestActor`] and return it under the job type `run_backtest`.
@@ -98,6 +106,8 @@ pub fn job_handlers(
     events: EventSink,
     counters: ServedCounters,
 ) -> Vec<(&'static str, Recipient<RunJob>)> {
-    let backtest = BacktestActor::new(store, events).with_counters(counters).start();
+    let backtest = BacktestActor::new(store, events)
+        .with_counters(counters)
+        .start();
     vec![(RUN_BACKTEST, backtest.recipient())]
 }

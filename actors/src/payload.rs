@@ -57,7 +57,9 @@ impl SeriesRequest {
 /// `bad_request` when it is missing, null or not a string.
 pub fn required_string(payload: &Payload, key: &str) -> Result<String, HandlerError> {
     match present(payload, key) {
-        None => Err(HandlerError::bad_request(format!("payload field `{key}` is required"))),
+        None => Err(HandlerError::bad_request(format!(
+            "payload field `{key}` is required"
+        ))),
         Some(Value::String(text)) => Ok(text.clone()),
         Some(other) => Err(wrong_type(key, "a string", other)),
     }
@@ -70,7 +72,9 @@ fn interval(payload: &Payload) -> Result<String, HandlerError> {
             .as_u64()
             .map(|minutes| minutes.to_string())
             .ok_or_else(|| wrong_type("interval", "a string or whole number", value)),
-        None => Err(HandlerError::bad_request("payload field `interval` is required")),
+        None => Err(HandlerError::bad_request(
+            "payload field `interval` is required",
+        )),
     }
 }
 
@@ -98,7 +102,10 @@ pub fn number(payload: &Payload, key: &str) -> Result<Option<f64>, HandlerError>
     let Some(value) = present(payload, key) else {
         return Ok(None);
     };
-    value.as_f64().map(Some).ok_or_else(|| wrong_type(key, "a number", value))
+    value
+        .as_f64()
+        .map(Some)
+        .ok_or_else(|| wrong_type(key, "a number", value))
 }
 
 fn present<'a>(payload: &'a Payload, key: &str) -> Option<&'a Value> {
@@ -106,7 +113,9 @@ fn present<'a>(payload: &'a Payload, key: &str) -> Option<&'a Value> {
 }
 
 fn wrong_type(key: &str, expected: &str, got: &Value) -> HandlerError {
-    HandlerError::bad_request(format!("payload field `{key}` must be {expected}, got {got}"))
+    HandlerError::bad_request(format!(
+        "payload field `{key}` must be {expected}, got {got}"
+    ))
 }
 
 #[cfg(test)]
@@ -119,7 +128,14 @@ mod tests {
     }
 
     fn bar(time: &str) -> Bar {
-        Bar { time: time.into(), open: 1.0, high: 1.0, low: 1.0, close: 1.0, volume: 0.0 }
+        Bar {
+            time: time.into(),
+            open: 1.0,
+            high: 1.0,
+            low: 1.0,
+            close: 1.0,
+            volume: 0.0,
+        }
     }
 
     #[test]
@@ -130,7 +146,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             request,
-            SeriesRequest { symbol: "EURUSD".into(), interval: "60".into(), limit: Some(1000) }
+            SeriesRequest {
+                symbol: "EURUSD".into(),
+                interval: "60".into(),
+                limit: Some(1000)
+            }
         );
     }
 
@@ -147,14 +167,35 @@ mod tests {
     fn each_malformed_field_is_a_bad_request_naming_it() {
         let cases = [
             (json!({"interval": "60"}), "`symbol` is required"),
-            (json!({"symbol": 5, "interval": "60"}), "`symbol` must be a string, got 5"),
+            (
+                json!({"symbol": 5, "interval": "60"}),
+                "`symbol` must be a string, got 5",
+            ),
             (json!({"symbol": "A"}), "`interval` is required"),
-            (json!({"symbol": "A", "interval": 1.5}), "`interval` must be a string or whole"),
-            (json!({"symbol": "A", "interval": true}), "`interval` must be a string or whole"),
-            (json!({"symbol": "A", "interval": "1", "limit": 0}), "`limit` must be a positive"),
-            (json!({"symbol": "A", "interval": "1", "limit": -3}), "`limit` must be a positive"),
-            (json!({"symbol": "A", "interval": "1", "limit": "9"}), "`limit` must be a positive"),
-            (json!({"symbol": "A", "interval": "1", "limit": 2.5}), "`limit` must be a positive"),
+            (
+                json!({"symbol": "A", "interval": 1.5}),
+                "`interval` must be a string or whole",
+            ),
+            (
+                json!({"symbol": "A", "interval": true}),
+                "`interval` must be a string or whole",
+            ),
+            (
+                json!({"symbol": "A", "interval": "1", "limit": 0}),
+                "`limit` must be a positive",
+            ),
+            (
+                json!({"symbol": "A", "interval": "1", "limit": -3}),
+                "`limit` must be a positive",
+            ),
+            (
+                json!({"symbol": "A", "interval": "1", "limit": "9"}),
+                "`limit` must be a positive",
+            ),
+            (
+                json!({"symbol": "A", "interval": "1", "limit": 2.5}),
+                "`limit` must be a positive",
+            ),
         ];
         for (body, expected) in cases {
             let err = SeriesRequest::from_payload(&payload(body.clone())).unwrap_err();
@@ -166,10 +207,18 @@ mod tests {
     #[test]
     fn select_keeps_the_most_recent_bars_oldest_first() {
         let bars = [bar("a"), bar("b"), bar("c")];
-        let mut request = SeriesRequest { symbol: "X".into(), interval: "1".into(), limit: None };
+        let mut request = SeriesRequest {
+            symbol: "X".into(),
+            interval: "1".into(),
+            limit: None,
+        };
         assert_eq!(request.select(&bars).len(), 3);
         request.limit = Some(2);
-        let times: Vec<&str> = request.select(&bars).iter().map(|b| b.time.as_str()).collect();
+        let times: Vec<&str> = request
+            .select(&bars)
+            .iter()
+            .map(|b| b.time.as_str())
+            .collect();
         assert_eq!(times, ["b", "c"]);
         request.limit = Some(10);
         assert_eq!(request.select(&bars).len(), 3);

@@ -125,7 +125,10 @@ impl StatusActor {
 fn hostname() -> Option<String> {
     let from_env = std::env::var("HOSTNAME").ok();
     let from_proc = || std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
-    from_env.or_else(from_proc).map(|name| name.trim().to_string()).filter(|name| !name.is_empty())
+    from_env
+        .or_else(from_proc)
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
 }
 
 impl Actor for StatusActor {

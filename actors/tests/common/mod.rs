@@ -68,11 +68,16 @@ impl Recording {
     /// published before this call. Each wait has a deadline.
     pub async fn events_so_far(&mut self) -> Vec<Event> {
         let marker = Event::new(END_OF_RECORDING, "test", Value::Null);
-        self.recorder.send(Publish { event: marker }).await.expect("the recorder is alive");
+        self.recorder
+            .send(Publish { event: marker })
+            .await
+            .expect("the recorder is alive");
         let mut events = Vec::new();
         loop {
             let next = tokio::time::timeout(EVENT_DEADLINE, self.events.recv()).await;
-            let event = next.expect("events arrive before the deadline").expect("channel open");
+            let event = next
+                .expect("events arrive before the deadline")
+                .expect("channel open");
             if event.event_type == END_OF_RECORDING {
                 return events;
             }
@@ -86,5 +91,8 @@ pub async fn call<A>(actor: &Addr<A>, name: &str, payload: Value) -> Result<Valu
 where
     A: Actor<Context = Context<A>> + Handler<Command>,
 {
-    actor.send(Command::new(name, payload)).await.expect("the actor is alive")
+    actor
+        .send(Command::new(name, payload))
+        .await
+        .expect("the actor is alive")
 }
