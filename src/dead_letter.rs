@@ -82,7 +82,12 @@ pub struct DeadLetter {
     #[serde(default)]
     pub attempts: Vec<Value>,
     /// The bytes of a message that could not be parsed, exactly as received.
-    #[serde(default, rename = "raw_hex", with = "hex_bytes", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "raw_hex",
+        with = "hex_bytes",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub raw: Option<Vec<u8>>,
 }
 
@@ -196,7 +201,10 @@ pub struct DeadLetterLimits {
 
 impl Default for DeadLetterLimits {
     fn default() -> Self {
-        Self { max_entries: 100_000, max_age: Some(Duration::from_secs(30 * 24 * 3600)) }
+        Self {
+            max_entries: 100_000,
+            max_age: Some(Duration::from_secs(30 * 24 * 3600)),
+        }
     }
 }
 
@@ -205,7 +213,10 @@ impl Default for DeadLetterLimits {
 pub enum DeadLetterError {
     /// The database file could not be opened or set up.
     #[error("cannot open the dead letter store {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
     /// A read or write failed.
     #[error("dead letter store: {0}")]
     Store(#[from] rusqlite::Error),
@@ -261,17 +272,23 @@ impl DeadLetterStore {
     /// SQLite database, or the schema cannot be created.
     pub fn open(path: Option<&Path>, limits: DeadLetterLimits) -> Result<Self, DeadLetterError> {
         let name = path.map_or_else(|| ":memory:".to_string(), |p| p.display().to_string());
-        let open_error = |source| DeadLetterError::Open { path: name.clone(), source };
+        let open_error = |source| DeadLetterError::Open {
+            path: name.clone(),
+            source,
+        };
         let conn = match path {
             Some(path) => Connection::open(path),
             None => Connection::open_in_memory(),
         }
         .map_err(open_error)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(open_error)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_error)?;
         // journal_mode answers with a row, so it is queried, not executed.
-        let _mode: String =
-            conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0)).map_err(open_error)?;
-        conn.execute_batch("PRAGMA synchronous=FULL;").map_err(open_error)?;
+        let _mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
+            .map_err(open_error)?;
+        conn.execute_batch("PRAGMA synchronous=FULL;")
+            .map_err(open_error)?;
         conn.execute_batch(SCHEMA).map_err(open_error)?;
         let mut store = Self { conn, limits };
         store.evict(SystemTime::now())?;
@@ -285,7 +302,10 @@ impl DeadLetterStore {
     ///
     /// [`DeadLetterError::Store`] when SQLite fails; nothing is written then.
     pub fn insert(&mut self, entry: &DeadLetter) -> Result<u64, DeadLetterError> {
-        let body = DeadLetter { raw: None, ..entry.clone() };
+        let body = DeadLetter {
+            raw: None,
+            ..entry.clone()
+        };
         let body = serde_json::to_string(&body).expect("a DeadLetter always serialises");
         let tx = self.conn.transaction()?;
         tx.execute(
@@ -330,7 +350,9 @@ impl DeadLetterStore {
     ///
     /// [`DeadLetterError::Store`] when SQLite fails.
     pub fn len(&self) -> Result<u64, DeadLetterError> {
-        Ok(self.conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |row| row.get(0))?)
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM dead_letters", [], |row| row.get(0))?)
     }
 
     /// Whether the store is empty.
@@ -348,7 +370,11 @@ impl DeadLetterStore {
     ///
     /// [`DeadLetterError::Store`] when SQLite fails; `Corrupt` for an entry
     /// that cannot be read back.
-    pub fn list(&self, offset: usize, limit: usize) -> Result<Vec<DeadLetterSummary>, DeadLetterError> {
+    pub fn list(
+        &self,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterSummary>, DeadLetterError> {
         let mut statement = self.conn.prepare(
             "SELECT id, timestamp, source, job_id, job_type, error, entry, raw IS NOT NULL
              FROM dead_letters ORDER BY seq LIMIT ?1 OFFSET ?2",
@@ -374,7 +400,10 @@ impl DeadLetterStore {
             let (mut summary, entry) = row?;
             let entry: Value = serde_json::from_str(&entry)
                 .map_err(|err| DeadLetterError::Corrupt(err.to_string()))?;
-            summary.attempts = entry.get("attempts").and_then(Value::as_array).map_or(0, Vec::len);
+            summary.attempts = entry
+                .get("attempts")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
             page.push(summary);
         }
         Ok(page)
@@ -389,13 +418,17 @@ impl DeadLetterStore {
     pub fn get(&self, id: &str) -> Result<Option<DeadLetter>, DeadLetterError> {
         let row = self
             .conn
-            .query_row("SELECT entry, raw FROM dead_letters WHERE id = ?1", params![id], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, Option<Vec<u8>>>(1)?))
-            })
+            .query_row(
+                "SELECT entry, raw FROM dead_letters WHERE id = ?1",
+                params![id],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<Vec<u8>>>(1)?)),
+            )
             .optional()?;
-        let Some((entry, raw)) = row else { return Ok(None) };
-        let value: Value =
-            serde_json::from_str(&entry).map_err(|err| DeadLetterError::Corrupt(err.to_string()))?;
+        let Some((entry, raw)) = row else {
+            return Ok(None);
+        };
+        let value: Value = serde_json::from_str(&entry)
+            .map_err(|err| DeadLetterError::Corrupt(err.to_string()))?;
         let mut letter = DeadLetter::from_value(value)?;
         letter.raw = raw;
         Ok(Some(letter))
@@ -407,8 +440,12 @@ impl DeadLetterStore {
     ///
     /// [`DeadLetterError::Store`] when SQLite fails.
     pub fn ids(&self) -> Result<Vec<String>, DeadLetterError> {
-        let mut statement = self.conn.prepare("SELECT id FROM dead_letters ORDER BY seq")?;
-        let ids = statement.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        let mut statement = self
+            .conn
+            .prepare("SELECT id FROM dead_letters ORDER BY seq")?;
+        let ids = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
         Ok(ids)
     }
 
@@ -418,7 +455,10 @@ impl DeadLetterStore {
     ///
     /// [`DeadLetterError::Store`] when SQLite fails.
     pub fn remove(&mut self, id: &str) -> Result<bool, DeadLetterError> {
-        Ok(self.conn.execute("DELETE FROM dead_letters WHERE id = ?1", params![id])? > 0)
+        Ok(self
+            .conn
+            .execute("DELETE FROM dead_letters WHERE id = ?1", params![id])?
+            > 0)
     }
 
     /// Delete every entry; returns how many there were.
@@ -439,8 +479,10 @@ fn evict_in(
     let mut evicted = 0;
     if let Some(max_age) = limits.max_age {
         let cutoff = unix_ms(now.checked_sub(max_age).unwrap_or(UNIX_EPOCH));
-        evicted +=
-            conn.execute("DELETE FROM dead_letters WHERE stored_at_ms < ?1", params![cutoff])?;
+        evicted += conn.execute(
+            "DELETE FROM dead_letters WHERE stored_at_ms < ?1",
+            params![cutoff],
+        )?;
     }
     evicted += conn.execute(
         "DELETE FROM dead_letters WHERE seq IN (
@@ -452,7 +494,8 @@ fn evict_in(
 }
 
 fn unix_ms(at: SystemTime) -> i64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Store `entry` in the dead letter queue. The reply comes after the entry
@@ -504,7 +547,11 @@ impl DeadLetterActor {
         let store = DeadLetterStore::open(path.as_deref(), limits)?;
         let counters = Counters::default();
         counters.entries.store(store.len()?, Ordering::Relaxed);
-        Ok(Self { store: Arc::new(Mutex::new(store)), counters: Arc::new(counters), replay_target: None })
+        Ok(Self {
+            store: Arc::new(Mutex::new(store)),
+            counters: Arc::new(counters),
+            replay_target: None,
+        })
     }
 
     fn stats(&self) -> Value {
@@ -612,7 +659,9 @@ impl Handler<Command> for DeadLetterActor {
         match msg.name.as_str() {
             "bus.dlq.list" => Box::pin(list(store, payload)),
             "bus.dlq.show" => Box::pin(show(store, payload)),
-            "bus.dlq.replay" => Box::pin(replay(store, counters, self.replay_target.clone(), payload)),
+            "bus.dlq.replay" => {
+                Box::pin(replay(store, counters, self.replay_target.clone(), payload))
+            }
             "bus.dlq.purge" => Box::pin(purge(store, counters, payload)),
             other => {
                 let error = HandlerError::new(
@@ -629,7 +678,11 @@ fn store_failed(err: DeadLetterError) -> HandlerError {
     HandlerError::failed(err.to_string())
 }
 
-fn page_arg(payload: &Map<String, Value>, key: &str, default: usize) -> Result<usize, HandlerError> {
+fn page_arg(
+    payload: &Map<String, Value>,
+    key: &str,
+    default: usize,
+) -> Result<usize, HandlerError> {
     match payload.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(value) => value
@@ -651,7 +704,9 @@ fn target_arg(payload: &Map<String, Value>) -> Result<Target, HandlerError> {
     }
     match payload.get("id").and_then(Value::as_str) {
         Some(id) if !id.is_empty() => Ok(Target::One(id.to_string())),
-        _ => Err(HandlerError::bad_request("give `id` (a dead letter id) or `all`: true")),
+        _ => Err(HandlerError::bad_request(
+            "give `id` (a dead letter id) or `all`: true",
+        )),
     }
 }
 
@@ -669,7 +724,10 @@ async fn show(store: SharedStore, payload: Map<String, Value>) -> Result<Value, 
         return Err(HandlerError::bad_request("`bus.dlq.show` takes one `id`"));
     };
     let lookup = id.clone();
-    match with_store(store, move |s| s.get(&lookup)).await.map_err(store_failed)? {
+    match with_store(store, move |s| s.get(&lookup))
+        .await
+        .map_err(store_failed)?
+    {
         Some(entry) => Ok(entry.to_value()),
         None => Err(not_found(&id)),
     }
@@ -687,7 +745,9 @@ async fn replay(
 ) -> Result<Value, HandlerError> {
     let target = target.ok_or_else(|| HandlerError::failed("no job queue to replay into"))?;
     let ids = match target_arg(&payload)? {
-        Target::All => with_store(store.clone(), |s| s.ids()).await.map_err(store_failed)?,
+        Target::All => with_store(store.clone(), |s| s.ids())
+            .await
+            .map_err(store_failed)?,
         Target::One(id) => vec![id],
     };
 
@@ -702,7 +762,9 @@ async fn replay(
             Err(err) => failed.push(json!({"id": id, "error": err.message})),
         }
     }
-    counters.replayed.fetch_add(replayed.len() as u64, Ordering::Relaxed);
+    counters
+        .replayed
+        .fetch_add(replayed.len() as u64, Ordering::Relaxed);
     recount(&store, &counters).await;
     Ok(json!({"replayed": replayed, "failed": failed}))
 }
@@ -726,10 +788,16 @@ async fn replay_one(
     match target.send(Enqueue { job }).await {
         Ok(Ok(_)) => {}
         Ok(Err(err)) => return Err(err),
-        Err(err) => return Err(HandlerError::failed(format!("the job queue is unavailable: {err}"))),
+        Err(err) => {
+            return Err(HandlerError::failed(format!(
+                "the job queue is unavailable: {err}"
+            )))
+        }
     }
     let remove = id.to_string();
-    with_store(store.clone(), move |s| s.remove(&remove)).await.map_err(store_failed)?;
+    with_store(store.clone(), move |s| s.remove(&remove))
+        .await
+        .map_err(store_failed)?;
     Ok(())
 }
 
@@ -739,10 +807,15 @@ async fn purge(
     payload: Map<String, Value>,
 ) -> Result<Value, HandlerError> {
     let purged = match target_arg(&payload)? {
-        Target::All => with_store(store.clone(), |s| s.purge_all()).await.map_err(store_failed)?,
+        Target::All => with_store(store.clone(), |s| s.purge_all())
+            .await
+            .map_err(store_failed)?,
         Target::One(id) => {
             let remove = id.clone();
-            if !with_store(store.clone(), move |s| s.remove(&remove)).await.map_err(store_failed)? {
+            if !with_store(store.clone(), move |s| s.remove(&remove))
+                .await
+                .map_err(store_failed)?
+            {
                 return Err(not_found(&id));
             }
             1

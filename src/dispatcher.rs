@@ -136,9 +136,7 @@ use tracing::{debug, error, warn};
 use crate::config::BusConfig;
 use crate::dead_letter::Bury;
 use crate::edge::push::{PushEdge, PushNotice, PushOutcome};
-use crate::message::{
-    Command, EventSink, HandlerError, ProgressReporter, RunJob, StatsQuery,
-};
+use crate::message::{Command, EventSink, HandlerError, ProgressReporter, RunJob, StatsQuery};
 use crate::wire::{code, Event, JobMessage};
 use queue::{Effect, JobQueue, QueueConfig, Report, ReportState};
 
@@ -320,7 +318,14 @@ impl QueueDispatcher {
         push: Option<Arc<PushEdge>>,
     ) -> Self {
         state.lock().set_config(settings.queue_config());
-        Self { settings, state, events, dead_letters, push, running: HashMap::new() }
+        Self {
+            settings,
+            state,
+            events,
+            dead_letters,
+            push,
+            running: HashMap::new(),
+        }
     }
 
     /// Run `operation` on the queue, hand out what can be handed out, and
@@ -348,15 +353,21 @@ impl QueueDispatcher {
         match effect {
             Effect::Publish { event_type, data } => self.publish(event_type, data),
             Effect::Bury(entry) => self.bury(entry),
-            Effect::RunLocal { worker, target, job, lease_id } => {
-                self.run_local(worker, target, job, lease_id, ctx)
-            }
+            Effect::RunLocal {
+                worker,
+                target,
+                job,
+                lease_id,
+            } => self.run_local(worker, target, job, lease_id, ctx),
             Effect::Push(job) => self.push(job),
         }
     }
 
     fn publish(&self, event_type: &str, data: Value) {
-        let job_id = data.get("job_id").and_then(Value::as_str).map(str::to_string);
+        let job_id = data
+            .get("job_id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let mut event = Event::new(event_type, &self.settings.service_name, data);
         if let Some(job_id) = job_id {
             event = event.with_correlation_id(job_id);
@@ -435,10 +446,17 @@ impl QueueDispatcher {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        let outcomes = self.push.as_ref().map(|edge| edge.take_outcomes()).unwrap_or_default();
+        let outcomes = self
+            .push
+            .as_ref()
+            .map(|edge| edge.take_outcomes())
+            .unwrap_or_default();
         let running = std::mem::take(&mut self.running);
         self.apply(ctx, |queue, now| {
-            queue.renew_local(running.iter().map(|(lease, job)| (job.as_str(), *lease)), now);
+            queue.renew_local(
+                running.iter().map(|(lease, job)| (job.as_str(), *lease)),
+                now,
+            );
             apply_push_outcomes(queue, outcomes, now);
             queue.tick(now);
         });
@@ -468,7 +486,9 @@ impl QueueDispatcher {
                 let (job_id, depth) = self.apply(ctx, |queue, _| {
                     queue.enqueue(job).map(|id| (id, queue.depth()))
                 })?;
-                Ok(CommandAnswer::Now(json!({"job_id": job_id, "queue_depth": depth})))
+                Ok(CommandAnswer::Now(
+                    json!({"job_id": job_id, "queue_depth": depth}),
+                ))
             }
             "bus.lease" => {
                 let request = protocol::lease_request(&payload, MAX_LEASE_WAIT)?;
@@ -478,7 +498,9 @@ impl QueueDispatcher {
                     // The tick answers a wait that ran out; this timeout only
                     // guards against a dispatcher that is gone for good.
                     let grant = tokio::time::timeout(wait + Duration::from_secs(2), receiver).await;
-                    Ok(protocol::lease_reply(grant.ok().and_then(Result::ok).flatten()))
+                    Ok(protocol::lease_reply(
+                        grant.ok().and_then(Result::ok).flatten(),
+                    ))
                 })))
             }
             "bus.report" => {
@@ -489,7 +511,9 @@ impl QueueDispatcher {
             "bus.cancel" => {
                 let job_id = protocol::job_id(&payload)?;
                 self.apply(ctx, |queue, _| queue.cancel(&job_id))?;
-                Ok(CommandAnswer::Now(json!({"cancelled": true, "job_id": job_id})))
+                Ok(CommandAnswer::Now(
+                    json!({"cancelled": true, "job_id": job_id}),
+                ))
             }
             "bus.jobs" => Ok(CommandAnswer::Now(self.stats())),
             other => Err(HandlerError::new(
@@ -531,8 +555,10 @@ impl Actor for QueueDispatcher {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         if !self.running.is_empty() {
-            warn!(running = self.running.len(),
-                "queue dispatcher stopped with in-process jobs running; they will be redelivered");
+            warn!(
+                running = self.running.len(),
+                "queue dispatcher stopped with in-process jobs running; they will be redelivered"
+            );
         }
     }
 }
@@ -549,11 +575,18 @@ impl Handler<RegisterWorker> for QueueDispatcher {
     type Result = String;
 
     fn handle(&mut self, msg: RegisterWorker, ctx: &mut Self::Context) -> String {
-        let RegisterWorker { job_type, worker, concurrency } = msg;
+        let RegisterWorker {
+            job_type,
+            worker,
+            concurrency,
+        } = msg;
         let id = self.apply(ctx, |queue, now| {
             queue.register_local(job_type.clone(), worker, concurrency, now)
         });
-        debug!(worker = id, job_type, concurrency, "in-process worker registered");
+        debug!(
+            worker = id,
+            job_type, concurrency, "in-process worker registered"
+        );
         id
     }
 }
@@ -578,7 +611,11 @@ impl Handler<PushNotice> for QueueDispatcher {
     type Result = ();
 
     fn handle(&mut self, _: PushNotice, ctx: &mut Self::Context) {
-        let outcomes = self.push.as_ref().map(|edge| edge.take_outcomes()).unwrap_or_default();
+        let outcomes = self
+            .push
+            .as_ref()
+            .map(|edge| edge.take_outcomes())
+            .unwrap_or_default();
         self.apply(ctx, |queue, now| apply_push_outcomes(queue, outcomes, now));
     }
 }

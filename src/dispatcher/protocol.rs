@@ -42,7 +42,9 @@ pub fn enqueue_job(payload: Map<String, Value>) -> Result<JobMessage, HandlerErr
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| HandlerError::bad_request("`max_retries` must be a whole number"))?,
     };
-    Ok(JobMessage::new(job_type, body).with_priority(priority).with_max_retries(max_retries))
+    Ok(JobMessage::new(job_type, body)
+        .with_priority(priority)
+        .with_max_retries(max_retries))
 }
 
 /// A `bus.lease` payload; `wait_ms` is clamped to `max_wait`.
@@ -73,7 +75,11 @@ pub fn lease_request(
             .map(Duration::from_millis)
             .ok_or_else(|| HandlerError::bad_request("`wait_ms` must be a whole number"))?,
     };
-    Ok(LeaseRequest { worker, job_types, wait: wait.min(max_wait) })
+    Ok(LeaseRequest {
+        worker,
+        job_types,
+        wait: wait.min(max_wait),
+    })
 }
 
 /// The reply to `bus.lease`.
@@ -119,7 +125,12 @@ pub fn report(payload: &Map<String, Value>) -> Result<Report, HandlerError> {
             )))
         }
     };
-    Ok(Report { worker, job_id, lease_id, state })
+    Ok(Report {
+        worker,
+        job_id,
+        lease_id,
+        state,
+    })
 }
 
 /// The reply to `bus.report`.
@@ -142,7 +153,9 @@ pub fn job_id(payload: &Map<String, Value>) -> Result<String, HandlerError> {
 fn required_str(payload: &Map<String, Value>, key: &str) -> Result<String, HandlerError> {
     match payload.get(key) {
         Some(Value::String(text)) if !text.is_empty() => Ok(text.clone()),
-        _ => Err(HandlerError::bad_request(format!("`{key}` must be a non-empty string"))),
+        _ => Err(HandlerError::bad_request(format!(
+            "`{key}` must be a non-empty string"
+        ))),
     }
 }
 
@@ -177,17 +190,21 @@ mod tests {
 
     #[test]
     fn a_lease_wait_is_clamped_to_the_maximum() {
-        let request =
-            lease_request(&object(json!({"worker": "w", "wait_ms": 60000})), Duration::from_secs(5))
-                .unwrap();
+        let request = lease_request(
+            &object(json!({"worker": "w", "wait_ms": 60000})),
+            Duration::from_secs(5),
+        )
+        .unwrap();
         assert_eq!(request.wait, Duration::from_secs(5));
         assert_eq!(request.job_types, None);
     }
 
     #[test]
     fn a_report_with_an_unknown_state_is_a_bad_request() {
-        let err =
-            report(&object(json!({"worker": "w", "job_id": "j", "state": "done"}))).unwrap_err();
+        let err = report(&object(
+            json!({"worker": "w", "job_id": "j", "state": "done"}),
+        ))
+        .unwrap_err();
         assert_eq!(err.code, "bad_request");
     }
 }

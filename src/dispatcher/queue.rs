@@ -84,7 +84,9 @@ impl QueueConfig {
     /// the base, doubled for each further retry, capped at the maximum.
     pub fn retry_delay(&self, retry_count: u32) -> Duration {
         let doublings = retry_count.saturating_sub(1).min(30);
-        self.retry_backoff_base.saturating_mul(1 << doublings).min(self.retry_backoff_max)
+        self.retry_backoff_base
+            .saturating_mul(1 << doublings)
+            .min(self.retry_backoff_max)
     }
 
     fn push_reserves(&self, job_type: &str) -> bool {
@@ -100,11 +102,19 @@ impl QueueConfig {
 #[derive(Debug)]
 pub enum Effect {
     /// Publish an event with this type and data.
-    Publish { event_type: &'static str, data: Value },
+    Publish {
+        event_type: &'static str,
+        data: Value,
+    },
     /// Store this entry in the dead letter queue.
     Bury(DeadLetter),
     /// Send `job` to the in-process worker `worker`.
-    RunLocal { worker: String, target: Recipient<RunJob>, job: JobMessage, lease_id: u64 },
+    RunLocal {
+        worker: String,
+        target: Recipient<RunJob>,
+        job: JobMessage,
+        lease_id: u64,
+    },
     /// Push `job` through the PUSH edge; report back with
     /// [`JobQueue::push_handed_off`] or [`JobQueue::push_returned`].
     Push(JobMessage),
@@ -154,7 +164,9 @@ pub enum ReportOutcome {
     Accepted,
     /// The job is not leased to this worker (any more): the report changed
     /// nothing and was counted.
-    Ignored { reason: &'static str },
+    Ignored {
+        reason: &'static str,
+    },
 }
 
 /// How a job is delivered to whoever holds it.
@@ -364,7 +376,9 @@ impl JobQueue {
     /// an empty job type or job id.
     pub fn enqueue(&mut self, job: JobMessage) -> Result<String, HandlerError> {
         if job.job_type.is_empty() || job.job_id.is_empty() {
-            return Err(HandlerError::bad_request("a job needs a job_id and a job_type"));
+            return Err(HandlerError::bad_request(
+                "a job needs a job_id and a job_type",
+            ));
         }
         if self.jobs.contains_key(&job.job_id) {
             self.counters.duplicates += 1;
@@ -387,8 +401,15 @@ impl JobQueue {
             json!({"job_id": job.job_id, "job_type": job.job_type,
                    "priority": u8::from(job.priority), "created_at": job.created_at}),
         );
-        self.jobs
-            .insert(job_id.clone(), Entry { job, seq, state: JobState::Waiting, attempts: vec![] });
+        self.jobs.insert(
+            job_id.clone(),
+            Entry {
+                job,
+                seq,
+                state: JobState::Waiting,
+                attempts: vec![],
+            },
+        );
         self.make_ready(&job_id, "enqueued");
         Ok(job_id)
     }
@@ -406,10 +427,20 @@ impl JobQueue {
         let worker = format!("local:{job_type}:{}", self.next_local);
         let concurrency = concurrency.max(1);
         for _ in 0..concurrency {
-            self.waiters.push_back(Waiter::Local { worker: worker.clone() });
+            self.waiters.push_back(Waiter::Local {
+                worker: worker.clone(),
+            });
         }
-        self.local.insert(worker.clone(), LocalWorker { job_type, target, concurrency });
-        self.workers.insert(worker.clone(), WorkerRecord::new("in_process", now));
+        self.local.insert(
+            worker.clone(),
+            LocalWorker {
+                job_type,
+                target,
+                concurrency,
+            },
+        );
+        self.workers
+            .insert(worker.clone(), WorkerRecord::new("in_process", now));
         worker
     }
 
@@ -519,7 +550,11 @@ impl JobQueue {
         now: Instant,
     ) {
         for (job_id, lease_id) in running {
-            if let Some(Entry { state: JobState::Leased(lease), .. }) = self.jobs.get_mut(job_id) {
+            if let Some(Entry {
+                state: JobState::Leased(lease),
+                ..
+            }) = self.jobs.get_mut(job_id)
+            {
                 if lease.id == lease_id {
                     lease.expires = now + self.config.lease;
                 }
@@ -535,7 +570,10 @@ impl JobQueue {
     /// a worker holds.
     pub fn cancel(&mut self, job_id: &str) -> Result<(), HandlerError> {
         let Some(entry) = self.jobs.get(job_id) else {
-            return Err(HandlerError::new(code::NOT_FOUND, format!("no queued job {job_id}")));
+            return Err(HandlerError::new(
+                code::NOT_FOUND,
+                format!("no queued job {job_id}"),
+            ));
         };
         match entry.state {
             JobState::Leased(_) | JobState::Pushing => {
@@ -565,7 +603,9 @@ impl JobQueue {
 
     /// The PUSH edge took `job_id`: it is handed off, at most once.
     pub fn push_handed_off(&mut self, job_id: &str, now: Instant) {
-        let Some(entry) = self.jobs.get(job_id) else { return };
+        let Some(entry) = self.jobs.get(job_id) else {
+            return;
+        };
         if !matches!(entry.state, JobState::Pushing) {
             return;
         }
@@ -586,7 +626,9 @@ impl JobQueue {
     /// The PUSH edge could not send `job_id`: it waits again, in its place,
     /// with its attempt count unchanged (it was never delivered).
     pub fn push_returned(&mut self, job_id: &str) {
-        let Some(entry) = self.jobs.get(job_id) else { return };
+        let Some(entry) = self.jobs.get(job_id) else {
+            return;
+        };
         if !matches!(entry.state, JobState::Pushing) {
             return;
         }
@@ -676,7 +718,9 @@ impl JobQueue {
     // ---- transitions ----
 
     fn complete(&mut self, job_id: &str, result: Value, now: Instant) {
-        let Some(entry) = self.jobs.remove(job_id) else { return };
+        let Some(entry) = self.jobs.remove(job_id) else {
+            return;
+        };
         self.in_flight.remove(job_id);
         let worker = self.release_lease(&entry, now);
         if let Some(record) = self.workers.get_mut(&worker) {
@@ -693,7 +737,9 @@ impl JobQueue {
     /// End the current attempt of a leased job with `outcome` (`failed` or
     /// `lease_expired`): retry it, or bury it when its retries are spent.
     fn fail_attempt(&mut self, job_id: &str, outcome: &'static str, error: &str, now: Instant) {
-        let Some(mut entry) = self.jobs.remove(job_id) else { return };
+        let Some(mut entry) = self.jobs.remove(job_id) else {
+            return;
+        };
         self.in_flight.remove(job_id);
         let worker = self.release_lease(&entry, now);
         if let Some(record) = self.workers.get_mut(&worker) {
@@ -720,7 +766,9 @@ impl JobQueue {
         if !expired || !will_retry {
             self.counters.failed_attempts += 1;
             let retry_in_ms = if will_retry && !expired {
-                self.config.retry_delay(entry.job.retry_count + 1).as_millis() as u64
+                self.config
+                    .retry_delay(entry.job.retry_count + 1)
+                    .as_millis() as u64
             } else {
                 0
             };
@@ -740,12 +788,24 @@ impl JobQueue {
         let id = entry.job.job_id.clone();
         if expired {
             self.counters.redelivered += 1;
-            self.jobs.insert(id.clone(), Entry { state: JobState::Waiting, ..entry });
+            self.jobs.insert(
+                id.clone(),
+                Entry {
+                    state: JobState::Waiting,
+                    ..entry
+                },
+            );
             self.make_ready(&id, "lease_expired");
         } else {
             let due = now + self.config.retry_delay(entry.job.retry_count);
             let seq = entry.seq;
-            self.jobs.insert(id.clone(), Entry { state: JobState::RetryAt(due), ..entry });
+            self.jobs.insert(
+                id.clone(),
+                Entry {
+                    state: JobState::RetryAt(due),
+                    ..entry
+                },
+            );
             self.retry_at.insert((due, seq), id);
         }
     }
@@ -770,7 +830,9 @@ impl JobQueue {
             record.seen(now);
         }
         if lease.delivery == Delivery::InProcess && self.local.contains_key(&lease.worker) {
-            self.waiters.push_back(Waiter::Local { worker: lease.worker.clone() });
+            self.waiters.push_back(Waiter::Local {
+                worker: lease.worker.clone(),
+            });
         }
         lease.worker.clone()
     }
@@ -787,7 +849,12 @@ impl JobQueue {
             .collect();
         for job_id in expired {
             tracing::warn!(job_id, "job lease ran out; redelivering");
-            self.fail_attempt(&job_id, "lease_expired", "lease expired: the worker fell silent", now);
+            self.fail_attempt(
+                &job_id,
+                "lease_expired",
+                "lease expired: the worker fell silent",
+                now,
+            );
         }
     }
 
@@ -808,7 +875,9 @@ impl JobQueue {
         let mut kept = VecDeque::with_capacity(self.waiters.len());
         for waiter in self.waiters.drain(..) {
             match waiter {
-                Waiter::Remote { deadline, reply, .. } if deadline <= now => {
+                Waiter::Remote {
+                    deadline, reply, ..
+                } if deadline <= now => {
                     let _ = reply.send(None);
                 }
                 Waiter::Remote { ref reply, .. } if reply.is_closed() => {}
@@ -881,14 +950,20 @@ impl JobQueue {
     /// take the job (a remote requester that hung up, a local actor that is
     /// gone); the job is then waiting again in its place.
     fn grant(&mut self, waiter: Waiter, job_id: &str, now: Instant) -> bool {
-        let Some(entry) = self.take_waiting(job_id) else { return false };
+        let Some(entry) = self.take_waiting(job_id) else {
+            return false;
+        };
         let lease_id = self.next_lease;
         self.next_lease += 1;
         let lease_ms = self.config.lease.as_millis() as u64;
 
         let (worker, delivery) = match waiter {
             Waiter::Remote { worker, reply, .. } => {
-                let grant = Grant { job: entry.job.clone(), lease_id, lease_ms };
+                let grant = Grant {
+                    job: entry.job.clone(),
+                    lease_id,
+                    lease_ms,
+                };
                 if reply.send(Some(grant)).is_err() {
                     self.counters.lost_grants += 1;
                     self.restore_waiting(entry);
@@ -916,7 +991,11 @@ impl JobQueue {
             }
         };
 
-        let kind = if delivery == Delivery::Lease { "lease" } else { "in_process" };
+        let kind = if delivery == Delivery::Lease {
+            "lease"
+        } else {
+            "in_process"
+        };
         let record = self.worker_record(&worker, kind, now);
         record.in_flight += 1;
         record.leased += 1;
@@ -935,12 +1014,20 @@ impl JobQueue {
             started_at: now_rfc3339(),
         };
         self.in_flight.insert(job_id.to_string());
-        self.jobs.insert(job_id.to_string(), Entry { state: JobState::Leased(lease), ..entry });
+        self.jobs.insert(
+            job_id.to_string(),
+            Entry {
+                state: JobState::Leased(lease),
+                ..entry
+            },
+        );
         true
     }
 
     fn start_push(&mut self, job_id: &str) {
-        let Some(mut entry) = self.take_waiting(job_id) else { return };
+        let Some(mut entry) = self.take_waiting(job_id) else {
+            return;
+        };
         entry.state = JobState::Pushing;
         self.effects.push(Effect::Push(entry.job.clone()));
         self.in_flight.insert(job_id.to_string());
@@ -952,9 +1039,11 @@ impl JobQueue {
     fn best_ready(&self, job_types: Option<&[String]>) -> Option<String> {
         let candidates: Box<dyn Iterator<Item = (&String, &BTreeMap<ReadyKey, String>)>> =
             match job_types {
-                Some(types) => {
-                    Box::new(types.iter().filter_map(|t| self.ready.get_key_value(t.as_str())))
-                }
+                Some(types) => Box::new(
+                    types
+                        .iter()
+                        .filter_map(|t| self.ready.get_key_value(t.as_str())),
+                ),
                 None => Box::new(self.ready.iter()),
             };
         candidates
@@ -1012,7 +1101,9 @@ impl JobQueue {
     /// Put a held job into the ready index and announce `job.queued`.
     fn make_ready(&mut self, job_id: &str, reason: &'static str) {
         self.insert_ready(job_id);
-        let Some(entry) = self.jobs.get(job_id) else { return };
+        let Some(entry) = self.jobs.get(job_id) else {
+            return;
+        };
         let data = json!({"job_id": entry.job.job_id, "job_type": entry.job.job_type,
                           "priority": u8::from(entry.job.priority),
                           "retry_count": entry.job.retry_count,
@@ -1021,7 +1112,9 @@ impl JobQueue {
     }
 
     fn insert_ready(&mut self, job_id: &str) {
-        let Some(entry) = self.jobs.get_mut(job_id) else { return };
+        let Some(entry) = self.jobs.get_mut(job_id) else {
+            return;
+        };
         entry.state = JobState::Waiting;
         let key = (Reverse(u8::from(entry.job.priority)), entry.seq);
         let index = self.ready.entry(entry.job.job_type.clone()).or_default();
@@ -1056,12 +1149,25 @@ impl JobQueue {
 
     fn restore_waiting(&mut self, entry: Entry) {
         let job_id = entry.job.job_id.clone();
-        self.jobs.insert(job_id.clone(), Entry { state: JobState::Waiting, ..entry });
+        self.jobs.insert(
+            job_id.clone(),
+            Entry {
+                state: JobState::Waiting,
+                ..entry
+            },
+        );
         self.insert_ready(&job_id);
     }
 
-    fn worker_record(&mut self, worker: &str, kind: &'static str, now: Instant) -> &mut WorkerRecord {
-        self.workers.entry(worker.to_string()).or_insert_with(|| WorkerRecord::new(kind, now))
+    fn worker_record(
+        &mut self,
+        worker: &str,
+        kind: &'static str,
+        now: Instant,
+    ) -> &mut WorkerRecord {
+        self.workers
+            .entry(worker.to_string())
+            .or_insert_with(|| WorkerRecord::new(kind, now))
     }
 
     fn ignore_report(&mut self, report: &Report, reason: &'static str) -> ReportOutcome {
@@ -1073,5 +1179,463 @@ impl JobQueue {
 
     fn publish(&mut self, event_type: &'static str, data: Value) {
         self.effects.push(Effect::Publish { event_type, data });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Priority;
+
+    const LEASE: Duration = Duration::from_secs(10);
+
+    fn queue() -> JobQueue {
+        JobQueue::new(QueueConfig {
+            capacity: 100,
+            lease: LEASE,
+            backlog_alert: 0,
+            retry_backoff_base: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(8),
+            push_job_types: BTreeSet::new(),
+            push_grace: Duration::from_secs(5),
+        })
+    }
+
+    fn job(job_type: &str, priority: Priority) -> JobMessage {
+        JobMessage::new(job_type, json!({})).with_priority(priority)
+    }
+
+    fn request(worker: &str) -> LeaseRequest {
+        LeaseRequest {
+            worker: worker.into(),
+            job_types: None,
+            wait: Duration::ZERO,
+        }
+    }
+
+    /// Lease one job for `worker` at `now`, as the dispatcher does.
+    fn lease_now(queue: &mut JobQueue, worker: &str, now: Instant) -> Option<Grant> {
+        let mut receiver = queue.lease(request(worker), now);
+        queue.pump(now, false);
+        receiver.try_recv().ok().flatten()
+    }
+
+    fn report(worker: &str, job_id: &str, state: ReportState) -> Report {
+        Report {
+            worker: worker.into(),
+            job_id: job_id.into(),
+            lease_id: None,
+            state,
+        }
+    }
+
+    fn events(queue: &mut JobQueue) -> Vec<(&'static str, Value)> {
+        queue
+            .take_effects()
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::Publish { event_type, data } => Some((event_type, data)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn buried(queue: &mut JobQueue) -> Vec<DeadLetter> {
+        queue
+            .take_effects()
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::Bury(letter) => Some(letter),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn jobs_come_out_by_priority_then_in_arrival_order() {
+        let mut queue = queue();
+        let now = Instant::now();
+        let order = [
+            ("a", Priority::Normal),
+            ("b", Priority::Urgent),
+            ("c", Priority::High),
+            ("d", Priority::Urgent),
+            ("e", Priority::Normal),
+        ];
+        let mut ids = HashMap::new();
+        for (name, priority) in order {
+            ids.insert(queue.enqueue(job("t", priority)).unwrap(), name);
+        }
+        let leased: Vec<&str> = (0..5)
+            .map(|_| ids[lease_now(&mut queue, "w", now).unwrap().job.job_id.as_str()])
+            .collect();
+        assert_eq!(leased, ["b", "d", "c", "a", "e"]);
+        assert!(lease_now(&mut queue, "w", now).is_none());
+    }
+
+    #[test]
+    fn a_full_queue_refuses_with_overloaded_and_counts_it() {
+        let mut queue = queue();
+        for _ in 0..100 {
+            queue.enqueue(job("t", Priority::Normal)).unwrap();
+        }
+        let err = queue.enqueue(job("t", Priority::Normal)).unwrap_err();
+        assert_eq!(err.code, code::OVERLOADED);
+        assert_eq!(queue.stats(Instant::now())["rejected_overloaded"], json!(1));
+        assert_eq!(queue.depth(), 100);
+    }
+
+    #[test]
+    fn the_same_job_id_enqueued_twice_is_held_once() {
+        let mut queue = queue();
+        let first = job("t", Priority::Normal);
+        queue.enqueue(first.clone()).unwrap();
+        assert_eq!(queue.enqueue(first).unwrap().len(), 36);
+        assert_eq!(queue.depth(), 1);
+        assert_eq!(queue.stats(Instant::now())["duplicates"], json!(1));
+    }
+
+    #[test]
+    fn an_expired_lease_redelivers_the_job_with_one_more_retry() {
+        let mut queue = queue();
+        let now = Instant::now();
+        let id = queue.enqueue(job("t", Priority::Normal)).unwrap();
+        let first = lease_now(&mut queue, "dies", now).unwrap();
+        assert_eq!(first.job.retry_count, 0);
+        queue.take_effects();
+
+        queue.tick(now + LEASE - Duration::from_millis(1));
+        assert!(
+            lease_now(&mut queue, "other", now).is_none(),
+            "still leased"
+        );
+        queue.tick(now + LEASE);
+        let seen = events(&mut queue);
+        assert!(seen
+            .iter()
+            .any(|(t, d)| *t == "job.queued" && d["reason"] == "lease_expired"));
+        assert!(
+            !seen.iter().any(|(t, _)| *t == "job.failed"),
+            "redelivery is not a failure"
+        );
+
+        let second = lease_now(&mut queue, "other", now + LEASE).unwrap();
+        assert_eq!(second.job.job_id, id);
+        assert_eq!(second.job.retry_count, 1);
+        assert_ne!(second.lease_id, first.lease_id);
+    }
+
+    #[test]
+    fn any_report_from_the_holder_renews_the_lease() {
+        let mut queue = queue();
+        let now = Instant::now();
+        let id = queue.enqueue(job("t", Priority::Normal)).unwrap();
+        lease_now(&mut queue, "w", now).unwrap();
+        let later = now + LEASE - Duration::from_secs(1);
+        assert_eq!(
+            queue.report(report("w", &id, ReportState::Heartbeat), later),
+            ReportOutcome::Accepted
+        );
+        queue.tick(now + LEASE + Duration::from_secs(1));
+        assert_eq!(queue.in_flight(), 1, "the heartbeat kept the lease");
+        queue.tick(later + LEASE);
+        assert_eq!(queue.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_failed_job_waits_for_its_backoff_before_it_is_leased_again() {
+        let mut queue = queue();
+        let now = Instant::now();
+        let id = queue.enqueue(job("t", Priority::Normal)).unwrap();
+        lease_now(&mut queue, "w", now).unwrap();
+        queue.take_effects();
+        queue.report(report("w", &id, ReportState::Failed("boom".into())), now);
+        let failed = events(&mut queue);
+        let (_, data) = failed.iter().find(|(t, _)| *t == "job.failed").unwrap();
+        assert_eq!(data["will_retry"], json!(true));
+        assert_eq!(data["retry_in_ms"], json!(1000));
+
+        queue.tick(now + Duration::from_millis(999));
+        assert!(lease_now(&mut queue, "w", now + Duration::from_millis(999)).is_none());
+        queue.tick(now + Duration::from_secs(1));
+        let grant = lease_now(&mut queue, "w", now + Duration::from_secs(1)).unwrap();
+        assert_eq!(grant.job.retry_count, 1);
+    }
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap() {
+        let config = queue().config().clone();
+        let delays: Vec<u64> = (1..=6).map(|n| config.retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 8, 8]);
+    }
+
+    #[test]
+    fn a_job_that_keeps_failing_is_buried_with_its_attempt_history_after_max_retries() {
+        let mut queue = queue();
+        let mut now = Instant::now();
+        let id = queue
+            .enqueue(job("t", Priority::Normal).with_max_retries(2))
+            .unwrap();
+        let mut letters = Vec::new();
+        for attempt in 0..3 {
+            let grant = lease_now(&mut queue, "w", now).expect("a retry is due");
+            assert_eq!(grant.job.retry_count, attempt);
+            if attempt == 1 {
+                // The second attempt dies silently instead.
+                now += LEASE;
+                queue.tick(now);
+            } else {
+                queue.report(
+                    report("w", &id, ReportState::Failed(format!("boom {attempt}"))),
+                    now,
+                );
+            }
+            letters.extend(buried(&mut queue));
+            now += Duration::from_secs(60);
+            queue.tick(now);
+        }
+        assert_eq!(letters.len(), 1);
+        let letter = &letters[0];
+        assert_eq!(letter.original_job["job_id"], json!(id));
+        assert_eq!(letter.original_job["retry_count"], json!(2));
+        assert!(
+            letter.error.contains("3 attempt(s)") && letter.error.contains("boom 2"),
+            "{}",
+            letter.error
+        );
+        let outcomes: Vec<&Value> = letter.attempts.iter().map(|a| &a["outcome"]).collect();
+        assert_eq!(
+            outcomes,
+            [&json!("failed"), &json!("lease_expired"), &json!("failed")]
+        );
+        assert_eq!(queue.depth() + queue.in_flight(), 0);
+        assert_eq!(queue.stats(now)["dead_lettered"], json!(1));
+    }
+
+    #[test]
+    fn late_and_duplicate_reports_are_ignored_and_counted() {
+        let mut queue = queue();
+        let now = Instant::now();
+        let id = queue.enqueue(job("t", Priority::Normal)).unwrap();
+        let first = lease_now(&mut queue, "slow", now).unwrap();
+        queue.tick(now + LEASE);
+        let second = lease_now(&mut queue, "fast", now + LEASE).unwrap();
+
+        let late = queue.report(
+            report("slow", &id, ReportState::Completed(json!(1))),
+            now + LEASE,
+        );
+        assert!(matches!(late, ReportOutcome::Ignored { .. }));
+        let stale_lease = Report {
+            lease_id: Some(first.lease_id),
+            ..report("fast", &id, ReportState::Heartbeat)
+        };
+        assert!(matches!(
+            queue.report(stale_lease, now + LEASE),
+            ReportOutcome::Ignored { .. }
+        ));
+
+        let done = Report {
+            lease_id: Some(second.lease_id),
+            ..report("fast", &id, ReportState::Completed(json!(2)))
+        };
+        assert_eq!(
+            queue.report(done.clone(), now + LEASE),
+            ReportOutcome::Accepted
+        );
+        assert!(matches!(
+            queue.report(done, now + LEASE),
+            ReportOutcome::Ignored { .. }
+        ));
+
+        let completed = events(&mut queue)
+            .into_iter()
+            .filter(|(t, _)| *t == "job.completed")
+            .count();
+        assert_eq!(completed, 1);
+        let stats = queue.stats(now + LEASE);
+        assert_eq!(stats["ignored_reports"], json!(3));
+        assert_eq!(stats["completed"], json!(1));
+    }
+
+    #[test]
+    fn cancelling_a_waiting_job_removes_it_and_an_in_flight_one_is_refused() {
+        let mut queue = queue();
+        let now = Instant::now();
+        let running = queue.enqueue(job("t", Priority::High)).unwrap();
+        let waiting = queue.enqueue(job("t", Priority::Normal)).unwrap();
+        lease_now(&mut queue, "w", now).unwrap();
+        queue.take_effects();
+
+        queue.cancel(&waiting).unwrap();
+        assert_eq!(events(&mut queue)[0].0, "job.cancelled");
+        assert_eq!(queue.depth(), 0);
+        assert_eq!(queue.cancel(&running).unwrap_err().code, CODE_IN_FLIGHT);
+        assert_eq!(queue.cancel(&waiting).unwrap_err().code, code::NOT_FOUND);
+    }
+
+    #[test]
+    fn a_waiting_lease_gets_the_next_job_and_an_idle_one_gets_none_after_its_wait() {
+        let mut queue = queue();
+        let now = Instant::now();
+        let wait = Duration::from_secs(2);
+        let mut first = queue.lease(
+            LeaseRequest {
+                wait,
+                ..request("a")
+            },
+            now,
+        );
+        let mut second = queue.lease(
+            LeaseRequest {
+                wait,
+                ..request("b")
+            },
+            now,
+        );
+        queue.pump(now, false);
+        assert!(first.try_recv().is_err(), "nothing to lease yet");
+
+        let id = queue.enqueue(job("t", Priority::Normal)).unwrap();
+        queue.pump(now, false);
+        assert_eq!(
+            first.try_recv().unwrap().unwrap().job.job_id,
+            id,
+            "first come, first served"
+        );
+        queue.tick(now + wait);
+        assert_eq!(second.try_recv().unwrap(), None);
+    }
+
+    #[test]
+    fn a_lease_requester_that_hung_up_loses_no_job() {
+        let mut queue = queue();
+        let now = Instant::now();
+        let gone = queue.lease(
+            LeaseRequest {
+                wait: Duration::from_secs(2),
+                ..request("gone")
+            },
+            now,
+        );
+        drop(gone);
+        queue.enqueue(job("t", Priority::Normal)).unwrap();
+        queue.pump(now, false);
+        assert_eq!(queue.depth(), 1);
+        assert!(lease_now(&mut queue, "alive", now).is_some());
+    }
+
+    #[test]
+    fn a_lease_for_given_types_takes_only_those() {
+        let mut queue = queue();
+        let now = Instant::now();
+        queue.enqueue(job("backtest", Priority::Urgent)).unwrap();
+        let fetch = queue.enqueue(job("fetch", Priority::Normal)).unwrap();
+        let typed = LeaseRequest {
+            job_types: Some(vec!["fetch".into()]),
+            ..request("w")
+        };
+        let mut receiver = queue.lease(typed, now);
+        assert_eq!(receiver.try_recv().unwrap().unwrap().job.job_id, fetch);
+    }
+
+    #[test]
+    fn the_push_edge_gets_reserved_types_and_unclaimed_ones_after_the_grace() {
+        let mut config = queue().config().clone();
+        config.push_job_types = BTreeSet::from(["*".to_string(), "python".to_string()]);
+        let mut queue = JobQueue::new(config);
+        let now = Instant::now();
+        let pushed = |queue: &mut JobQueue| -> Vec<String> {
+            queue
+                .take_effects()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::Push(job) => Some(job.job_type),
+                    _ => None,
+                })
+                .collect()
+        };
+
+        // A leasing worker asks for `fetch`, so only `python` may be pushed.
+        let _ = queue.lease(
+            LeaseRequest {
+                job_types: Some(vec!["fetch".into()]),
+                ..request("w")
+            },
+            now,
+        );
+        queue.enqueue(job("fetch", Priority::Urgent)).unwrap();
+        assert!(
+            lease_now(&mut queue, "any", now).is_some(),
+            "fetch is leased normally"
+        );
+        let python = queue.enqueue(job("python", Priority::Normal)).unwrap();
+        assert!(
+            lease_now(&mut queue, "any", now).is_none(),
+            "reserved types are never leased"
+        );
+        queue.enqueue(job("fetch", Priority::Normal)).unwrap();
+        queue.take_effects();
+        queue.pump(now, true);
+        assert_eq!(pushed(&mut queue), ["python"]);
+        queue.push_handed_off(&python, now);
+
+        // Nobody asked for anything lately: unclaimed `fetch` goes too.
+        let later = now + Duration::from_secs(6);
+        queue.pump(later, true);
+        assert_eq!(pushed(&mut queue), ["fetch"]);
+        assert_eq!(queue.stats(later)["handed_off_at_most_once"], json!(1));
+    }
+
+    #[test]
+    fn a_returned_push_waits_again_in_its_place_without_a_retry() {
+        let mut config = queue().config().clone();
+        config.push_job_types = BTreeSet::from(["t".to_string()]);
+        let mut queue = JobQueue::new(config);
+        let now = Instant::now();
+        let first = queue.enqueue(job("t", Priority::Normal)).unwrap();
+        queue.enqueue(job("t", Priority::Normal)).unwrap();
+        queue.pump(now, true);
+        queue.push_returned(&first);
+        queue.take_effects();
+        queue.pump(now, true);
+        let again: Vec<JobMessage> = queue
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Push(job) => Some(job),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(again[0].job_id, first);
+        assert_eq!(again[0].retry_count, 0);
+    }
+
+    #[test]
+    fn the_backlog_alert_fires_once_and_clears_at_half_the_threshold() {
+        let mut config = queue().config().clone();
+        config.backlog_alert = 4;
+        let mut queue = JobQueue::new(config);
+        let now = Instant::now();
+        let mut alerts = Vec::new();
+        let collect = |queue: &mut JobQueue, alerts: &mut Vec<Value>| {
+            queue.pump(now, false);
+            alerts.extend(
+                events(queue)
+                    .into_iter()
+                    .filter(|(t, _)| *t == "system.alert")
+                    .map(|(_, d)| d["active"].clone()),
+            );
+        };
+        for _ in 0..6 {
+            queue.enqueue(job("t", Priority::Normal)).unwrap();
+            collect(&mut queue, &mut alerts);
+        }
+        assert_eq!(alerts, [json!(true)], "raised once, at depth 5");
+        for _ in 0..4 {
+            lease_now(&mut queue, "w", now).unwrap();
+            collect(&mut queue, &mut alerts);
+        }
+        assert_eq!(alerts, [json!(true), json!(false)], "cleared at depth 2");
     }
 }

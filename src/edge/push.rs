@@ -106,11 +106,17 @@ impl Shared {
             AioResult::Send(Err((_, err))) => {
                 self.returned.fetch_add(1, Ordering::Relaxed);
                 debug!(job_id, error = %err, "push returned unsent");
-                PushOutcome::Returned { job_id, error: err.to_string() }
+                PushOutcome::Returned {
+                    job_id,
+                    error: err.to_string(),
+                }
             }
             other => {
                 self.returned.fetch_add(1, Ordering::Relaxed);
-                PushOutcome::Returned { job_id, error: format!("unexpected aio result {other:?}") }
+                PushOutcome::Returned {
+                    job_id,
+                    error: format!("unexpected aio result {other:?}"),
+                }
             }
         };
         lock(&self.outcomes).push_back(outcome);
@@ -158,7 +164,13 @@ impl PushEdge {
         // NNG closes the listener with the socket.
         listen(&socket, url, options)?;
         info!(url, "job queue push edge listening");
-        Ok(Self { url: url.to_string(), socket, aio, shared, listening: true })
+        Ok(Self {
+            url: url.to_string(),
+            socket,
+            aio,
+            shared,
+            listening: true,
+        })
     }
 
     /// Dial a PULL peer that listens on `url` (dgbit's Python worker);
@@ -172,7 +184,13 @@ impl PushEdge {
         let (socket, aio, shared) = Self::open(timeout)?;
         dial(&socket, url, options)?;
         info!(url, "job queue push edge dialing");
-        Ok(Self { url: url.to_string(), socket, aio, shared, listening: false })
+        Ok(Self {
+            url: url.to_string(),
+            socket,
+            aio,
+            shared,
+            listening: false,
+        })
     }
 
     fn open(timeout: Duration) -> Result<(Socket, Aio, Arc<Shared>), EdgeError> {
@@ -232,7 +250,10 @@ impl PushEdge {
         }
         // The slot is set before the send starts, so the callback always
         // finds the job id it completes.
-        match self.socket.send_async(&self.aio, nng::Message::from(&job.encode()[..])) {
+        match self
+            .socket
+            .send_async(&self.aio, nng::Message::from(&job.encode()[..]))
+        {
             Ok(()) => Ok(()),
             Err((_, err)) => {
                 lock(&self.shared.sending).take();
