@@ -4,6 +4,9 @@
 //! every connected subscriber. Sending never blocks: NNG's PUB protocol hands
 //! a message to each peer's queue and, when a peer's queue is full, throws
 //! away that queue's oldest message to make room (see DESIGN.md section 4).
+//! NNG's default queue is 16 messages per peer; the edge raises it to
+//! [`DEFAULT_PEER_QUEUE`] (or what [`PubEdge::listen_with_queue`] asks for)
+//! so that a burst does not cost a briefly busy subscriber its events.
 //! The edge also sends with NNG's non-blocking flag, so that a future NNG
 //! which did block would fail the send instead of stalling the publisher.
 //!
@@ -16,10 +19,17 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use nng::options::{Options, SendBufferSize};
 use nng::{Protocol, Socket};
 use tracing::debug;
 
 use super::{listen, remove_ipc_file, EdgeError, EdgeOptions};
+
+/// Messages NNG queues per connected subscriber before it drops the oldest.
+pub const DEFAULT_PEER_QUEUE: usize = 1024;
+
+/// The largest per-subscriber queue NNG accepts.
+pub const MAX_PEER_QUEUE: usize = 8192;
 
 /// The PUB side of the event bus, listening on one address.
 ///
@@ -41,7 +51,24 @@ impl PubEdge {
     /// holds the ipc path, [`EdgeError::Listen`] when NNG refuses the
     /// address; [`EdgeError::Socket`] when NNG cannot create the socket.
     pub fn listen(url: &str, options: &EdgeOptions) -> Result<Self, EdgeError> {
+        Self::listen_with_queue(url, options, DEFAULT_PEER_QUEUE)
+    }
+
+    /// As [`PubEdge::listen`], queueing up to `peer_queue` messages per
+    /// subscriber (clamped to 1..=[`MAX_PEER_QUEUE`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`PubEdge::listen`].
+    pub fn listen_with_queue(
+        url: &str,
+        options: &EdgeOptions,
+        peer_queue: usize,
+    ) -> Result<Self, EdgeError> {
         let socket = Socket::new(Protocol::Pub0)?;
+        // NNG sizes each peer's queue when the peer connects: set it first.
+        let depth = peer_queue.clamp(1, MAX_PEER_QUEUE);
+        socket.set_opt::<SendBufferSize>(i32::try_from(depth).unwrap_or(i32::MAX))?;
         listen(&socket, url, options)?;
         Ok(Self {
             socket,
@@ -96,7 +123,6 @@ impl Drop for PubEdge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nng::options::Options;
     use std::time::{Duration, Instant};
 
     fn ipc_url(dir: &tempfile::TempDir) -> String {
@@ -135,6 +161,16 @@ mod tests {
             "sends took {:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn each_subscriber_gets_the_default_queue_depth_unless_told_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let edge = PubEdge::listen(&ipc_url(&dir), &EdgeOptions::default()).unwrap();
+        assert_eq!(edge.socket.get_opt::<SendBufferSize>().unwrap(), 1024);
+        edge.close();
+        let small = PubEdge::listen_with_queue(&ipc_url(&dir), &EdgeOptions::default(), 0).unwrap();
+        assert_eq!(small.socket.get_opt::<SendBufferSize>().unwrap(), 1);
     }
 
     #[test]
