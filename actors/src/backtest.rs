@@ -29,7 +29,9 @@
 //! `net_return` is `final_equity / initial_capital - 1`.
 //!
 //! The run is deterministic: each average is summed afresh over its window in
-//! bar order, so the same bars and parameters always give the same figures.
+//! bar order, so the same bars and parameters always give the same figures
+//! (no drift from a running sum). That costs `O(bars * slow)`, which is
+//! nothing at the few thousand bars a request covers.
 
 use serde::Serialize;
 
@@ -49,9 +51,13 @@ const PROGRESS_STEPS: usize = 4;
 /// The strategy's parameters. See the module docs for their meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct StrategyParams {
+    /// Length of the fast moving average, in bars.
     pub fast: usize,
+    /// Length of the slow moving average, in bars; more than `fast`.
     pub slow: usize,
+    /// Fee per side as a fraction of the traded value (`0.001` = 0.1%).
     pub fee: f64,
+    /// Equity at the start.
     pub initial_capital: f64,
 }
 
@@ -114,13 +120,18 @@ pub enum ExitReason {
 /// One round trip: bought at `entry_*`, sold at `exit_*`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Trade {
+    /// Time of the bar that bought.
     pub entry_time: String,
+    /// The close the position was bought at.
     pub entry_price: f64,
+    /// Time of the bar that sold.
     pub exit_time: String,
+    /// The close the position was sold at.
     pub exit_price: f64,
     /// The trade's return after both fees; serialised as `return`.
     #[serde(rename = "return")]
     pub net_return: f64,
+    /// Why the position was sold.
     pub exit_reason: ExitReason,
 }
 
@@ -129,13 +140,21 @@ pub struct Trade {
 pub struct BacktestReport {
     /// Bars the run went over.
     pub bars: usize,
+    /// Round trips made.
     pub total_trades: usize,
+    /// Trades with a return above zero after fees.
     pub wins: usize,
+    /// `wins / total_trades`, 0 without trades.
     pub win_rate: f64,
+    /// `final_equity / initial_capital - 1`.
     pub net_return: f64,
+    /// Largest fall of the equity curve from its peak, as a fraction.
     pub max_drawdown: f64,
+    /// Equity at the start.
     pub initial_capital: f64,
+    /// Equity at the end, every position sold.
     pub final_equity: f64,
+    /// Every trade, oldest first.
     pub trades: Vec<Trade>,
 }
 
@@ -143,13 +162,22 @@ pub struct BacktestReport {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BacktestStep<'a> {
     /// A position was opened at `bar`'s close.
-    Entered { bar: &'a Bar },
+    Entered {
+        /// The bar that bought.
+        bar: &'a Bar,
+    },
     /// A position was closed.
-    Exited { trade: &'a Trade },
-    /// `bars_done` of `bars_total` bars are processed (`percent` of them).
+    Exited {
+        /// The finished trade.
+        trade: &'a Trade,
+    },
+    /// Progress through the bars; reported once per quarter.
     Progress {
+        /// `bars_done * 100 / bars_total`, rounded down.
         percent: usize,
+        /// Bars processed so far.
         bars_done: usize,
+        /// Bars in the run.
         bars_total: usize,
     },
 }

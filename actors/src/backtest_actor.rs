@@ -1,4 +1,4 @@
-//! `BacktestActor`: runs the [`backtest`](crate::backtest) strategy for a
+//! `BacktestActor`: runs the [`crate::backtest`] strategy for a
 //! command (`run_backtest`) or a job of type `run_backtest`.
 //!
 //! # Payload
@@ -117,23 +117,13 @@ impl BacktestActor {
                 percent,
                 bars_done,
                 bars_total,
-            } => {
-                progress.report(json!({
-                    "percent": percent, "bars_done": bars_done, "bars_total": bars_total,
-                }));
-            }
+            } => progress.report(json!({
+                "percent": percent, "bars_done": bars_done, "bars_total": bars_total,
+            })),
         })
         .map_err(|err| HandlerError::bad_request(err.to_string()))?;
 
-        tracing::info!(
-            job_id = job_id.unwrap_or("-"),
-            symbol = %request.series.symbol,
-            interval = %request.series.interval,
-            bars = report.bars,
-            trades = report.total_trades,
-            net_return = report.net_return,
-            "backtest finished"
-        );
+        log_finished(job_id, &request.series, &report);
         result(&request, bars, report)
     }
 }
@@ -262,6 +252,18 @@ impl Handler<RunJob> for BacktestActor {
         log_refusal(job_id, &outcome);
         outcome
     }
+}
+
+fn log_finished(job_id: Option<&str>, series: &SeriesRequest, report: &BacktestReport) {
+    tracing::info!(
+        job_id = job_id.unwrap_or("-"),
+        symbol = %series.symbol,
+        interval = %series.interval,
+        bars = report.bars,
+        trades = report.total_trades,
+        net_return = report.net_return,
+        "backtest finished"
+    );
 }
 
 fn log_refusal(job_id: Option<&str>, outcome: &Result<Value, HandlerError>) {

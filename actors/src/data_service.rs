@@ -42,12 +42,19 @@ pub const NOT_SUPPORTED: &str = "not_supported";
 
 /// The command names [`DataService`] answers.
 pub mod commands {
+    /// Bars of one series.
     pub const GET_KLINES: &str = "GET_KLINES";
+    /// The symbols and intervals on file.
     pub const GET_SYMBOLS: &str = "GET_SYMBOLS";
+    /// The last close of each symbol.
     pub const GET_TICKERS: &str = "GET_TICKERS";
+    /// Fetch history from an exchange: refused offline.
     pub const BACKFILL: &str = "BACKFILL";
+    /// The cache's contents and counters.
     pub const GET_CACHE_STATUS: &str = "GET_CACHE_STATUS";
+    /// Drop every cached series.
     pub const CLEAR_CACHE: &str = "CLEAR_CACHE";
+    /// Liveness check.
     pub const PING: &str = "ping";
 
     /// Every name above, to register the service under each.

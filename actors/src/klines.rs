@@ -45,10 +45,15 @@ const VALUE_COLUMNS: [&str; 5] = ["open", "high", "low", "close", "volume"];
 pub struct Bar {
     /// The bar's time, as text from the file's first column.
     pub time: String,
+    /// The first traded price of the bar.
     pub open: f64,
+    /// The highest traded price.
     pub high: f64,
+    /// The lowest traded price.
     pub low: f64,
+    /// The last traded price.
     pub close: f64,
+    /// The traded volume, in the file's unit.
     pub volume: f64,
 }
 
@@ -58,7 +63,12 @@ pub enum KlineError {
     /// A symbol or interval holds something other than ASCII letters and
     /// digits, or is empty.
     #[error("{field} {value:?} is not valid: use only ASCII letters and digits")]
-    InvalidName { field: &'static str, value: String },
+    InvalidName {
+        /// `"symbol"` or `"interval"`.
+        field: &'static str,
+        /// What the request held.
+        value: String,
+    },
 
     /// No file for this symbol and interval.
     #[error(
@@ -66,8 +76,11 @@ pub enum KlineError {
         describe_catalog(.available)
     )]
     NotFound {
+        /// The symbol asked for, upper-cased.
         symbol: String,
+        /// The interval asked for.
         interval: String,
+        /// The file name that was looked for.
         file: String,
         /// Every symbol in the directory with its intervals.
         available: BTreeMap<String, Vec<String>>,
@@ -75,13 +88,21 @@ pub enum KlineError {
 
     /// The directory or a file could not be read.
     #[error("cannot read {}: {source}", .path.display())]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The directory or file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: io::Error,
+    },
 
     /// A line of a file is not a valid bar or header.
     #[error("{}:{line}: {reason}", .path.display())]
     Parse {
+        /// The file.
         path: PathBuf,
+        /// The 1-based line number.
         line: usize,
+        /// What is wrong with the line.
         reason: String,
     },
 }

@@ -34,6 +34,8 @@
 //! [`data_handlers`], [`command_handlers`] and [`job_handlers`] start the
 //! actors and return `(name, recipient)` pairs to register on the bus.
 
+#![warn(missing_docs)]
+
 use std::sync::Arc;
 
 use actix::prelude::*;

@@ -22,8 +22,11 @@ pub type Payload = Map<String, Value>;
 ///   use; absent means all bars.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeriesRequest {
+    /// The symbol as sent; the store upper-cases it.
     pub symbol: String,
+    /// The interval as sent (a whole number as its text).
     pub interval: String,
+    /// How many of the most recent bars to use; `None` for all.
     pub limit: Option<usize>,
 }
 
