@@ -825,3 +825,236 @@ async fn purge(
     recount(&store, &counters).await;
     Ok(json!({"purged": purged}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::JobMessage;
+
+    fn letter(job_type: &str) -> DeadLetter {
+        let job = JobMessage::new(job_type, json!({"n": 1}));
+        DeadLetter::for_job(
+            &job,
+            "gave up",
+            "job_queue",
+            vec![json!({"outcome": "failed"})],
+        )
+    }
+
+    #[test]
+    fn hex_round_trips_every_byte() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(from_hex(&to_hex(&bytes)).unwrap(), bytes);
+        assert_eq!(to_hex(b"\x00\xff"), "00ff");
+        assert_eq!(from_hex("0g"), None);
+        assert_eq!(from_hex("abc"), None);
+    }
+
+    #[test]
+    fn an_unparseable_message_keeps_its_exact_bytes() {
+        let raw = b"\xff\xfe not json \x00";
+        let entry = DeadLetter::unparseable("command", raw, "message is not UTF-8");
+        let value = entry.to_value();
+        assert_eq!(value["original_job"], Value::Null);
+        assert_eq!(value["raw_hex"], json!(to_hex(raw)));
+        for key in ["original_job", "error", "timestamp"] {
+            assert!(value.get(key).is_some(), "the seed's key {key} is kept");
+        }
+        assert_eq!(DeadLetter::from_value(value).unwrap(), entry);
+    }
+
+    #[test]
+    fn an_entry_survives_reopening_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.sqlite");
+        let entry = letter("fetch");
+        let raw = DeadLetter::unparseable("job_queue", b"\x01\x02", "bad");
+        {
+            let mut store =
+                DeadLetterStore::open(Some(&path), DeadLetterLimits::default()).unwrap();
+            store.insert(&entry).unwrap();
+            store.insert(&raw).unwrap();
+        }
+        let store = DeadLetterStore::open(Some(&path), DeadLetterLimits::default()).unwrap();
+        assert_eq!(store.len().unwrap(), 2);
+        assert_eq!(store.get(&entry.id).unwrap().unwrap(), entry);
+        assert_eq!(
+            store.get(&raw.id).unwrap().unwrap().raw.unwrap(),
+            b"\x01\x02"
+        );
+        let page = store.list(0, 10).unwrap();
+        assert_eq!(page[0].job_type.as_deref(), Some("fetch"));
+        assert_eq!(page[0].attempts, 1);
+        assert!(page[1].has_raw);
+    }
+
+    #[test]
+    fn the_oldest_entries_go_first_past_the_count_limit() {
+        let limits = DeadLetterLimits {
+            max_entries: 3,
+            max_age: None,
+        };
+        let mut store = DeadLetterStore::open(None, limits).unwrap();
+        let entries: Vec<DeadLetter> = (0..5).map(|_| letter("t")).collect();
+        let evicted: u64 = entries.iter().map(|e| store.insert(e).unwrap()).sum();
+        assert_eq!(evicted, 2);
+        let kept: Vec<String> = entries[2..].iter().map(|e| e.id.clone()).collect();
+        assert_eq!(store.ids().unwrap(), kept);
+    }
+
+    #[test]
+    fn entries_past_the_age_limit_are_evicted() {
+        let limits = DeadLetterLimits {
+            max_entries: 100,
+            max_age: Some(Duration::from_secs(60)),
+        };
+        let mut store = DeadLetterStore::open(None, limits).unwrap();
+        store.insert(&letter("t")).unwrap();
+        assert_eq!(store.evict(SystemTime::now()).unwrap(), 0);
+        let later = SystemTime::now() + Duration::from_secs(61);
+        assert_eq!(store.evict(later).unwrap(), 1);
+        assert!(store.is_empty().unwrap());
+    }
+
+    /// Accepts jobs only when told to, recording what it accepted.
+    struct FakeQueue {
+        accept: bool,
+        accepted: Vec<JobMessage>,
+    }
+
+    impl Actor for FakeQueue {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Enqueue> for FakeQueue {
+        type Result = Result<String, HandlerError>;
+
+        fn handle(&mut self, msg: Enqueue, _: &mut Self::Context) -> Self::Result {
+            if !self.accept {
+                return Err(HandlerError::new(code::OVERLOADED, "full"));
+            }
+            self.accepted.push(msg.job.clone());
+            Ok(msg.job.job_id)
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "Vec<JobMessage>")]
+    struct Accepted;
+
+    impl Handler<Accepted> for FakeQueue {
+        type Result = MessageResult<Accepted>;
+
+        fn handle(&mut self, _: Accepted, _: &mut Self::Context) -> Self::Result {
+            MessageResult(self.accepted.clone())
+        }
+    }
+
+    async fn command(
+        actor: &Addr<DeadLetterActor>,
+        name: &str,
+        payload: Value,
+    ) -> Result<Value, HandlerError> {
+        actor.send(Command::new(name, payload)).await.unwrap()
+    }
+
+    #[actix_rt::test]
+    async fn a_replayed_entry_leaves_only_after_the_queue_took_its_job() {
+        let actor = DeadLetterActor::open(None, DeadLetterLimits::default())
+            .unwrap()
+            .start();
+        let mut entry = letter("fetch");
+        entry.original_job["retry_count"] = json!(3);
+        actor
+            .send(Bury {
+                entry: entry.clone(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+
+        let refusing = FakeQueue {
+            accept: false,
+            accepted: vec![],
+        }
+        .start();
+        actor
+            .send(SetReplayTarget {
+                target: refusing.recipient(),
+            })
+            .await
+            .unwrap();
+        let reply = command(&actor, "bus.dlq.replay", json!({"all": true}))
+            .await
+            .unwrap();
+        assert_eq!(reply["failed"][0]["id"], json!(entry.id));
+        assert!(
+            command(&actor, "bus.dlq.show", json!({"id": entry.id}))
+                .await
+                .is_ok(),
+            "kept"
+        );
+
+        let accepting = FakeQueue {
+            accept: true,
+            accepted: vec![],
+        }
+        .start();
+        actor
+            .send(SetReplayTarget {
+                target: accepting.clone().recipient(),
+            })
+            .await
+            .unwrap();
+        let reply = command(&actor, "bus.dlq.replay", json!({"id": entry.id}))
+            .await
+            .unwrap();
+        assert_eq!(reply["replayed"], json!([entry.id]));
+        let jobs = accepting.send(Accepted).await.unwrap();
+        assert_eq!(
+            jobs[0].job_id,
+            entry.original_job["job_id"].as_str().unwrap()
+        );
+        assert_eq!(jobs[0].retry_count, 0, "a fresh attempt count");
+        let gone = command(&actor, "bus.dlq.show", json!({"id": entry.id}))
+            .await
+            .unwrap_err();
+        assert_eq!(gone.code, code::NOT_FOUND);
+        assert_eq!(actor.send(StatsQuery).await.unwrap()["replayed"], json!(1));
+    }
+
+    #[actix_rt::test]
+    async fn purge_removes_one_entry_or_all_and_list_pages_through_them() {
+        let actor = DeadLetterActor::open(None, DeadLetterLimits::default())
+            .unwrap()
+            .start();
+        let entries: Vec<DeadLetter> = (0..5).map(|_| letter("t")).collect();
+        for entry in &entries {
+            actor
+                .send(Bury {
+                    entry: entry.clone(),
+                })
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let page = command(&actor, "bus.dlq.list", json!({"offset": 1, "limit": 2}))
+            .await
+            .unwrap();
+        assert_eq!(page["total"], json!(5));
+        assert_eq!(page["entries"][0]["id"], json!(entries[1].id));
+        assert_eq!(page["entries"].as_array().unwrap().len(), 2);
+
+        let one = command(&actor, "bus.dlq.purge", json!({"id": entries[0].id}))
+            .await
+            .unwrap();
+        assert_eq!(one["purged"], json!(1));
+        let missing = command(&actor, "bus.dlq.purge", json!({"id": entries[0].id})).await;
+        assert_eq!(missing.unwrap_err().code, code::NOT_FOUND);
+        let all = command(&actor, "bus.dlq.purge", json!({"all": true}))
+            .await
+            .unwrap();
+        assert_eq!(all["purged"], json!(4));
+        assert_eq!(actor.send(StatsQuery).await.unwrap()["entries"], json!(0));
+    }
+}
