@@ -744,11 +744,14 @@ async fn replay(
     payload: Map<String, Value>,
 ) -> Result<Value, HandlerError> {
     let target = target.ok_or_else(|| HandlerError::failed("no job queue to replay into"))?;
-    let ids = match target_arg(&payload)? {
-        Target::All => with_store(store.clone(), |s| s.ids())
-            .await
-            .map_err(store_failed)?,
-        Target::One(id) => vec![id],
+    let (ids, single) = match target_arg(&payload)? {
+        Target::All => {
+            let ids = with_store(store.clone(), |s| s.ids())
+                .await
+                .map_err(store_failed)?;
+            (ids, false)
+        }
+        Target::One(id) => (vec![id], true),
     };
 
     let mut replayed = Vec::new();
@@ -756,9 +759,7 @@ async fn replay(
     for id in ids {
         match replay_one(&store, &target, &id).await {
             Ok(()) => replayed.push(Value::String(id)),
-            Err(err) if err.code == code::NOT_FOUND && payload.get("all").is_none() => {
-                return Err(err);
-            }
+            Err(err) if single && err.code == code::NOT_FOUND => return Err(err),
             Err(err) => failed.push(json!({"id": id, "error": err.message})),
         }
     }
