@@ -685,6 +685,9 @@ impl JobQueue {
                     value["job_type"] = local.job_type.clone().into();
                     value["concurrency"] = local.concurrency.into();
                 }
+                if record.kind == "in_process" {
+                    value["registered"] = self.local.contains_key(id).into();
+                }
                 (id.clone(), value)
             })
             .collect();

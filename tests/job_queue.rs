@@ -1,0 +1,683 @@
+//! The job queue end to end: the dispatcher with in-process workers, remote
+//! leasing workers over the command protocol, and the dead letter queue.
+//!
+//! Everything waits on channels or polls a condition with a deadline.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use dgbit_bus::dead_letter::{DeadLetterActor, DeadLetterLimits, SetReplayTarget};
+use dgbit_bus::dispatcher::{
+    Cancel, DispatcherSettings, Enqueue, QueueDispatcher, QueueState, RegisterWorker,
+};
+use dgbit_bus::message::{Command, EventSink, HandlerError, Publish, RunJob, StatsQuery};
+use dgbit_bus::wire::{Event, JobMessage, Priority};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+// ---- helpers ----
+
+/// Forwards every published event into a channel.
+struct Recorder(mpsc::UnboundedSender<Event>);
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<Publish> for Recorder {
+    type Result = ();
+
+    fn handle(&mut self, msg: Publish, _: &mut Self::Context) {
+        let _ = self.0.send(msg.event);
+    }
+}
+
+/// A handler that sleeps `delay`, records who ran which job, and fails
+/// while `fail` says so.
+struct Sleeper {
+    name: &'static str,
+    delay: Duration,
+    fail: bool,
+    runs: Arc<Mutex<Vec<(&'static str, String)>>>,
+}
+
+impl Actor for Sleeper {
+    type Context = Context<Self>;
+}
+
+impl Handler<RunJob> for Sleeper {
+    type Result = ResponseFuture<Result<Value, HandlerError>>;
+
+    fn handle(&mut self, msg: RunJob, _: &mut Self::Context) -> Self::Result {
+        let (name, delay, fail, runs) = (self.name, self.delay, self.fail, self.runs.clone());
+        Box::pin(async move {
+            msg.progress.report(json!({"step": "begin"}));
+            tokio::time::sleep(delay).await;
+            runs.lock().unwrap().push((name, msg.job.job_id.clone()));
+            if fail {
+                Err(HandlerError::failed("the handler gave up"))
+            } else {
+                Ok(json!({"by": name}))
+            }
+        })
+    }
+}
+
+struct Harness {
+    dispatcher: Addr<QueueDispatcher>,
+    dead_letters: Addr<DeadLetterActor>,
+    events: mpsc::UnboundedReceiver<Event>,
+    state: QueueState,
+    runs: Arc<Mutex<Vec<(&'static str, String)>>>,
+}
+
+fn settings() -> DispatcherSettings {
+    DispatcherSettings {
+        job_lease: Duration::from_millis(300),
+        retry_backoff_base: Duration::from_millis(20),
+        retry_backoff_max: Duration::from_millis(100),
+        push_job_types: BTreeSet::new(),
+        backlog_alert: 0,
+        ..DispatcherSettings::default()
+    }
+}
+
+fn harness(settings: DispatcherSettings) -> Harness {
+    let (sender, events) = mpsc::unbounded_channel();
+    let recorder = Recorder(sender).start();
+    let dead_letters = DeadLetterActor::open(None, DeadLetterLimits::default())
+        .unwrap()
+        .start();
+    let state = QueueState::new();
+    let dispatcher = QueueDispatcher::new(
+        settings,
+        state.clone(),
+        EventSink::to(recorder.recipient()),
+        dead_letters.clone().recipient(),
+        None,
+    )
+    .start();
+    Harness {
+        dispatcher,
+        dead_letters,
+        events,
+        state,
+        runs: Arc::default(),
+    }
+}
+
+impl Harness {
+    async fn worker(&self, name: &'static str, job_type: &str, delay: Duration, fail: bool) {
+        let sleeper = Sleeper {
+            name,
+            delay,
+            fail,
+            runs: self.runs.clone(),
+        }
+        .start();
+        self.dispatcher
+            .send(RegisterWorker {
+                job_type: job_type.into(),
+                worker: sleeper.recipient(),
+                concurrency: 1,
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn enqueue(&self, job: JobMessage) -> String {
+        self.dispatcher
+            .send(Enqueue { job })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn command(&self, name: &str, payload: Value) -> Result<Value, HandlerError> {
+        self.dispatcher
+            .send(Command::new(name, payload))
+            .await
+            .unwrap()
+    }
+
+    async fn stats(&self) -> Value {
+        self.dispatcher.send(StatsQuery).await.unwrap()
+    }
+
+    /// Events until `stop` says enough, or panic at the deadline.
+    async fn events_until(
+        &mut self,
+        within: Duration,
+        mut stop: impl FnMut(&[Event]) -> bool,
+    ) -> Vec<Event> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        while !stop(&seen) {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(event)) => seen.push(event),
+                _ => panic!("timed out; events so far: {:#?}", summary(&seen)),
+            }
+        }
+        seen
+    }
+}
+
+fn summary(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| format!("{} {}", e.event_type, Value::Object(e.data.clone())))
+        .collect()
+}
+
+fn count(events: &[Event], event_type: &str) -> usize {
+    events.iter().filter(|e| e.event_type == event_type).count()
+}
+
+/// Poll `condition` every 10 ms until it holds or `within` passes.
+async fn eventually<F, Fut>(within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---- in-process workers ----
+
+#[actix_rt::test]
+async fn every_job_completes_once_and_its_events_follow_the_lifecycle() {
+    let mut bus = harness(settings());
+    bus.worker("w", "t", Duration::from_millis(1), false).await;
+    let mut ids = HashSet::new();
+    for _ in 0..20 {
+        ids.insert(bus.enqueue(JobMessage::new("t", json!({}))).await);
+    }
+    let events = bus
+        .events_until(Duration::from_secs(10), |seen| {
+            count(seen, "job.completed") == 20
+        })
+        .await;
+
+    for id in &ids {
+        let of_job: Vec<&str> = events
+            .iter()
+            .filter(|e| e.data["job_id"] == json!(id))
+            .map(|e| e.event_type.as_str())
+            .collect();
+        assert_eq!(
+            of_job,
+            [
+                "job.created",
+                "job.queued",
+                "job.started",
+                "job.progress",
+                "job.completed"
+            ],
+            "job {id}"
+        );
+    }
+    let started = events
+        .iter()
+        .find(|e| e.event_type == "job.started")
+        .unwrap();
+    assert_eq!(started.data["delivery"], json!("in_process"));
+    assert_eq!(
+        started.correlation_id.as_deref(),
+        started.data["job_id"].as_str()
+    );
+    let stats = bus.stats().await;
+    assert_eq!(stats["completed"], json!(20));
+    assert_eq!(stats["queue_depth"], json!(0));
+    assert_eq!(bus.runs.lock().unwrap().len(), 20);
+}
+
+#[actix_rt::test]
+async fn a_worker_forty_times_slower_takes_only_a_small_share() {
+    let mut bus = harness(settings());
+    bus.worker("fast", "t", Duration::from_millis(5), false)
+        .await;
+    bus.worker("slow", "t", Duration::from_millis(200), false)
+        .await;
+    let started = Instant::now();
+    for _ in 0..100 {
+        bus.enqueue(JobMessage::new("t", json!({}))).await;
+    }
+    bus.events_until(Duration::from_secs(20), |seen| {
+        count(seen, "job.completed") == 100
+    })
+    .await;
+    let elapsed = started.elapsed();
+
+    let runs = bus.runs.lock().unwrap().clone();
+    let slow = runs.iter().filter(|(name, _)| *name == "slow").count();
+    assert_eq!(runs.len(), 100);
+    assert!(slow <= 10, "the slow worker ran {slow} of 100");
+    // The fast worker alone needs about 100 x 5 ms; allow for timer slack.
+    assert!(elapsed < Duration::from_millis(2500), "took {elapsed:?}");
+}
+
+#[actix_rt::test]
+async fn a_handler_that_keeps_failing_is_retried_then_dead_lettered_with_its_history() {
+    let mut bus = harness(settings());
+    bus.worker("broken", "t", Duration::from_millis(1), true)
+        .await;
+    let id = bus
+        .enqueue(JobMessage::new("t", json!({})).with_max_retries(2))
+        .await;
+    let events = bus
+        .events_until(Duration::from_secs(10), |seen| {
+            seen.iter()
+                .any(|e| e.event_type == "job.failed" && e.data["will_retry"] == json!(false))
+        })
+        .await;
+    assert_eq!(count(&events, "job.failed"), 3);
+    assert_eq!(count(&events, "job.completed"), 0);
+
+    let dead_letters = bus.dead_letters.clone();
+    eventually(Duration::from_secs(5), || {
+        let dead_letters = dead_letters.clone();
+        async move { dead_letters.send(StatsQuery).await.unwrap()["entries"] == json!(1) }
+    })
+    .await;
+    let page = bus
+        .dead_letters
+        .send(Command::new("bus.dlq.list", json!({})))
+        .await
+        .unwrap()
+        .unwrap();
+    let entry_id = page["entries"][0]["id"].clone();
+    let entry = bus
+        .dead_letters
+        .send(Command::new("bus.dlq.show", json!({"id": entry_id})))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry["original_job"]["job_id"], json!(id));
+    assert_eq!(entry["attempts"].as_array().unwrap().len(), 3);
+    assert!(
+        entry["error"]
+            .as_str()
+            .unwrap()
+            .contains("the handler gave up"),
+        "{entry}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_replayed_dead_letter_runs_again_from_a_fresh_attempt_count() {
+    let mut bus = harness(settings());
+    bus.dead_letters
+        .send(SetReplayTarget {
+            target: bus.dispatcher.clone().recipient(),
+        })
+        .await
+        .unwrap();
+    let id = bus
+        .enqueue(JobMessage::new("t", json!({})).with_max_retries(0))
+        .await;
+    bus.command("bus.lease", json!({"worker": "w"}))
+        .await
+        .unwrap();
+    let failed = json!({"worker": "w", "job_id": id, "state": "failed", "error": "boom"});
+    bus.command("bus.report", failed).await.unwrap();
+    bus.events_until(Duration::from_secs(5), |seen| {
+        count(seen, "job.failed") == 1
+    })
+    .await;
+    let dead_letters = bus.dead_letters.clone();
+    eventually(Duration::from_secs(5), || {
+        let dead_letters = dead_letters.clone();
+        async move { dead_letters.send(StatsQuery).await.unwrap()["entries"] == json!(1) }
+    })
+    .await;
+
+    bus.worker("healthy", "t", Duration::from_millis(1), false)
+        .await;
+    let replay = Command::new("bus.dlq.replay", json!({"all": true}));
+    let reply = bus.dead_letters.send(replay).await.unwrap().unwrap();
+    assert_eq!(reply["replayed"].as_array().unwrap().len(), 1);
+    let events = bus
+        .events_until(Duration::from_secs(10), |seen| {
+            count(seen, "job.completed") == 1
+        })
+        .await;
+    let created = events
+        .iter()
+        .find(|e| e.event_type == "job.created")
+        .unwrap();
+    assert_eq!(created.data["job_id"], json!(id));
+}
+
+/// Stops itself on its first job before answering, so the dispatcher sees
+/// its mailbox close (as after a panic).
+struct Quitter;
+
+impl Actor for Quitter {
+    type Context = Context<Self>;
+}
+
+impl Handler<RunJob> for Quitter {
+    type Result = ResponseActFuture<Self, Result<Value, HandlerError>>;
+
+    fn handle(&mut self, _: RunJob, ctx: &mut Self::Context) -> Self::Result {
+        ctx.stop();
+        Box::pin(actix::fut::wrap_future(std::future::pending()))
+    }
+}
+
+#[actix_rt::test]
+async fn a_worker_whose_actor_is_gone_is_unregistered_and_its_job_runs_elsewhere() {
+    let mut bus = harness(settings());
+    let quitter = Quitter.start();
+    bus.dispatcher
+        .send(RegisterWorker {
+            job_type: "t".into(),
+            worker: quitter.recipient(),
+            concurrency: 1,
+        })
+        .await
+        .unwrap();
+    bus.enqueue(JobMessage::new("t", json!({}))).await;
+    bus.events_until(Duration::from_secs(5), |seen| {
+        count(seen, "job.failed") == 1
+    })
+    .await;
+
+    bus.worker("healthy", "t", Duration::from_millis(1), false)
+        .await;
+    let events = bus
+        .events_until(Duration::from_secs(5), |seen| {
+            count(seen, "job.completed") == 1
+        })
+        .await;
+    let completed = events
+        .iter()
+        .find(|e| e.event_type == "job.completed")
+        .unwrap();
+    assert_eq!(completed.data["retry_count"], json!(1));
+    let stats = bus.stats().await;
+    assert_eq!(
+        stats["workers"]["local:t:1"]["registered"],
+        json!(false),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["workers"]["local:t:2"]["registered"],
+        json!(true),
+        "{stats}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_long_in_process_job_keeps_its_lease_and_runs_once() {
+    let mut bus = harness(settings());
+    // Three leases long, with no progress after the start.
+    bus.worker("long", "t", Duration::from_millis(900), false)
+        .await;
+    bus.enqueue(JobMessage::new("t", json!({}))).await;
+    let events = bus
+        .events_until(Duration::from_secs(5), |seen| {
+            count(seen, "job.completed") == 1
+        })
+        .await;
+    assert_eq!(count(&events, "job.started"), 1);
+    assert_eq!(bus.stats().await["redelivered"], json!(0));
+}
+
+// ---- the command protocol, in-process ----
+
+#[actix_rt::test]
+async fn a_leased_job_is_completed_by_report_and_late_reports_are_ignored() {
+    let mut bus = harness(settings());
+    let enqueued = bus
+        .command("bus.enqueue", json!({"job_type": "t", "payload": {"x": 1}}))
+        .await
+        .unwrap();
+    let job_id = enqueued["job_id"].as_str().unwrap().to_string();
+
+    let lease = bus
+        .command("bus.lease", json!({"worker": "w1", "wait_ms": 1000}))
+        .await
+        .unwrap();
+    assert_eq!(lease["job"]["job_id"], json!(job_id));
+    assert_eq!(
+        lease["job"].as_object().unwrap().len(),
+        7,
+        "exactly dgbit's seven keys"
+    );
+    assert_eq!(lease["lease_ms"], json!(300));
+
+    let report = |state: &str| json!({"worker": "w1", "job_id": job_id, "state": state, "result": {"ok": 1}});
+    assert_eq!(
+        bus.command("bus.report", report("started")).await.unwrap()["accepted"],
+        json!(true)
+    );
+    assert_eq!(
+        bus.command("bus.report", report("completed"))
+            .await
+            .unwrap()["accepted"],
+        json!(true)
+    );
+    assert_eq!(
+        bus.command("bus.report", report("completed"))
+            .await
+            .unwrap()["accepted"],
+        json!(false)
+    );
+
+    let events = bus
+        .events_until(Duration::from_secs(5), |seen| {
+            count(seen, "job.completed") == 1
+        })
+        .await;
+    let completed = events
+        .iter()
+        .find(|e| e.event_type == "job.completed")
+        .unwrap();
+    assert_eq!(completed.data["result"], json!({"ok": 1}));
+    assert_eq!(completed.data["worker"], json!("w1"));
+    assert_eq!(bus.stats().await["ignored_reports"], json!(1));
+}
+
+#[actix_rt::test]
+async fn a_silent_worker_loses_its_lease_and_the_job_goes_to_the_next_with_one_more_retry() {
+    let bus = harness(settings());
+    let job_id = bus.enqueue(JobMessage::new("t", json!({}))).await;
+    let first = bus
+        .command("bus.lease", json!({"worker": "silent"}))
+        .await
+        .unwrap();
+    assert_eq!(first["job"]["retry_count"], json!(0));
+
+    let started = Instant::now();
+    let second = bus
+        .command("bus.lease", json!({"worker": "next", "wait_ms": 2000}))
+        .await
+        .unwrap();
+    assert_eq!(second["job"]["job_id"], json!(job_id));
+    assert_eq!(second["job"]["retry_count"], json!(1));
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the lease ran out"
+    );
+    let late = json!({"worker": "silent", "job_id": job_id, "state": "completed"});
+    assert_eq!(
+        bus.command("bus.report", late).await.unwrap()["accepted"],
+        json!(false)
+    );
+}
+
+#[actix_rt::test]
+async fn an_idle_lease_request_answers_no_job_after_its_wait() {
+    let bus = harness(settings());
+    let started = Instant::now();
+    let reply = bus
+        .command("bus.lease", json!({"worker": "w", "wait_ms": 200}))
+        .await
+        .unwrap();
+    assert_eq!(reply, json!({"job": null}));
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[actix_rt::test]
+async fn a_waiting_job_can_be_cancelled_but_a_leased_one_cannot() {
+    let mut bus = harness(settings());
+    let running = bus
+        .enqueue(JobMessage::new("t", json!({})).with_priority(Priority::Urgent))
+        .await;
+    let waiting = bus.enqueue(JobMessage::new("t", json!({}))).await;
+    bus.command("bus.lease", json!({"worker": "w"}))
+        .await
+        .unwrap();
+
+    let reply = bus
+        .command("bus.cancel", json!({"job_id": waiting}))
+        .await
+        .unwrap();
+    assert_eq!(reply["cancelled"], json!(true));
+    let refused = bus
+        .dispatcher
+        .send(Cancel { job_id: running })
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.code, "in_flight");
+    let events = bus
+        .events_until(Duration::from_secs(5), |seen| {
+            count(seen, "job.cancelled") == 1
+        })
+        .await;
+    let cancelled = events
+        .iter()
+        .find(|e| e.event_type == "job.cancelled")
+        .unwrap();
+    assert_eq!(cancelled.data["job_id"], json!(waiting));
+    assert_eq!(bus.stats().await["queue_depth"], json!(0));
+}
+
+#[actix_rt::test]
+async fn a_full_queue_refuses_at_once_with_overloaded() {
+    let bus = harness(DispatcherSettings {
+        queue_capacity: 3,
+        ..settings()
+    });
+    for _ in 0..3 {
+        bus.command("bus.enqueue", json!({"job_type": "t"}))
+            .await
+            .unwrap();
+    }
+    let refused = bus
+        .command("bus.enqueue", json!({"job_type": "t"}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "overloaded");
+}
+
+#[actix_rt::test]
+async fn with_no_worker_jobs_wait_raise_the_backlog_alert_then_flow_and_clear_it() {
+    let mut bus = harness(DispatcherSettings {
+        backlog_alert: 5,
+        ..settings()
+    });
+    for _ in 0..10 {
+        bus.enqueue(JobMessage::new("t", json!({}))).await;
+    }
+    let raised = bus
+        .events_until(Duration::from_secs(5), |seen| {
+            count(seen, "system.alert") == 1
+        })
+        .await;
+    let alert = raised
+        .iter()
+        .find(|e| e.event_type == "system.alert")
+        .unwrap();
+    assert_eq!(alert.data["active"], json!(true));
+    assert_eq!(bus.stats().await["queue_depth"], json!(10));
+
+    bus.worker("late", "t", Duration::from_millis(1), false)
+        .await;
+    let events = bus
+        .events_until(Duration::from_secs(10), |seen| {
+            count(seen, "job.completed") == 10 && count(seen, "system.alert") == 1
+        })
+        .await;
+    let cleared = events
+        .iter()
+        .find(|e| e.event_type == "system.alert")
+        .unwrap();
+    assert_eq!(cleared.data["active"], json!(false));
+}
+
+#[actix_rt::test]
+async fn a_restarted_dispatcher_keeps_the_queue_it_was_given() {
+    let bus = harness(settings());
+    for _ in 0..3 {
+        bus.enqueue(JobMessage::new("t", json!({}))).await;
+    }
+    let Harness {
+        dispatcher,
+        dead_letters,
+        state,
+        ..
+    } = bus;
+    drop(dispatcher);
+    let (sender, mut events) = mpsc::unbounded_channel();
+    let recorder = Recorder(sender).start();
+    let second = QueueDispatcher::new(
+        settings(),
+        state.clone(),
+        EventSink::to(recorder.recipient()),
+        dead_letters.recipient(),
+        None,
+    )
+    .start();
+    assert_eq!(
+        second.send(StatsQuery).await.unwrap()["queue_depth"],
+        json!(3)
+    );
+
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let sleeper = Sleeper {
+        name: "w",
+        delay: Duration::ZERO,
+        fail: false,
+        runs: runs.clone(),
+    }
+    .start();
+    second
+        .send(RegisterWorker {
+            job_type: "t".into(),
+            worker: sleeper.recipient(),
+            concurrency: 2,
+        })
+        .await
+        .unwrap();
+    let mut completed = 0;
+    while completed < 3 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        completed += usize::from(event.event_type == "job.completed");
+    }
+    assert_eq!(state.depth(), 0);
+    let by_worker: HashMap<_, usize> =
+        runs.lock()
+            .unwrap()
+            .iter()
+            .fold(HashMap::new(), |mut m, (w, _)| {
+                *m.entry(*w).or_default() += 1;
+                m
+            });
+    assert_eq!(by_worker["w"], 3);
+}
