@@ -288,6 +288,11 @@ pub struct SupervisionStats {
     /// The delay of the latest restart.
     pub last_delay: Option<Duration>,
     pub last_crash: Option<CrashReason>,
+    /// When the supervisor saw the latest crash; the restart delay is
+    /// counted from here.
+    pub last_crash_at: Option<Instant>,
+    /// When the current instance was started, while one runs.
+    pub running_since: Option<Instant>,
     pub give_up_reason: Option<GiveUpReason>,
 }
 
@@ -302,6 +307,8 @@ impl SupervisionStats {
             current_delay: None,
             last_delay: None,
             last_crash: None,
+            last_crash_at: None,
+            running_since: None,
             give_up_reason: None,
         }
     }
@@ -310,11 +317,13 @@ impl SupervisionStats {
         self.state == RoleState::GaveUp
     }
 
-    /// The snapshot as one JSON object, durations in milliseconds.
+    /// The snapshot as one JSON object, durations in milliseconds;
+    /// `uptime_ms` is the current instance's age at the time of the call.
     pub fn to_json(&self) -> Value {
         json!({
             "role": self.role,
             "state": self.state.as_str(),
+            "uptime_ms": self.running_since.map(|since| millis(since.elapsed())),
             "instances": self.instances,
             "restarts": self.restarts,
             "attempt": self.attempt,
@@ -770,7 +779,15 @@ where
                 Exit::Cancelled => return,
             };
 
-            match self.tracker.on_crash(Instant::now(), &mut rng) {
+            let crashed_at = Instant::now();
+            self.update(|status| {
+                status.addr = None;
+                status.stats.last_crash = Some(crash.clone());
+                status.stats.last_crash_at = Some(crashed_at);
+                status.stats.running_since = None;
+            });
+
+            match self.tracker.on_crash(crashed_at, &mut rng) {
                 Decision::Restart { attempt, delay } => {
                     self.report_restart(&crash, attempt, delay);
                     if !self.wait_unless_shutdown(delay).await {
@@ -802,6 +819,7 @@ where
             status.stats.state = RoleState::Running;
             status.stats.instances += 1;
             status.stats.current_delay = None;
+            status.stats.running_since = Some(Instant::now());
         });
 
         let exit = tokio::select! {
@@ -859,7 +877,11 @@ where
         let (role, delay_ms) = (self.role, millis(delay));
         match crash {
             CrashReason::Panicked { message } => {
-                error!(role, attempt, delay_ms, panic = %message, "role panicked; restart scheduled");
+                let panic = message.as_str();
+                error!(
+                    role,
+                    attempt, delay_ms, panic, "role panicked; restart scheduled"
+                );
             }
             CrashReason::Stopped => {
                 warn!(
@@ -870,14 +892,12 @@ where
         }
 
         self.update(|status| {
-            status.addr = None;
             let stats = &mut status.stats;
             stats.state = RoleState::Restarting;
             stats.restarts += 1;
             stats.attempt = attempt;
             stats.current_delay = Some(delay);
             stats.last_delay = Some(delay);
-            stats.last_crash = Some(crash.clone());
         });
 
         self.alert(json!({
@@ -898,10 +918,7 @@ where
         let restarts = self.closer.shared.status.borrow().stats.restarts;
         warn!(role, restarts, reason = %reason, crash = crash.kind(), "role given up");
 
-        self.update(|status| {
-            status.stats.last_crash = Some(crash.clone());
-            status.stats.give_up_reason = Some(reason.clone());
-        });
+        self.update(|status| status.stats.give_up_reason = Some(reason.clone()));
         self.close(RoleState::GaveUp);
 
         self.alert(json!({
@@ -951,6 +968,7 @@ impl<A: Actor> CloseOnDrop<A> {
             status.addr = None;
             status.stats.state = state;
             status.stats.current_delay = None;
+            status.stats.running_since = None;
             true
         });
     }
@@ -1038,6 +1056,11 @@ pub const INJECTED_PANIC: &str = "fault injected by InjectFault";
 
 /// Apply `kind` to the actor whose context is `context`: the body of every
 /// `Handler<InjectFault>`.
+///
+/// # Panics
+///
+/// On purpose, with [`INJECTED_PANIC`], for [`FaultKind::Panic`] (at once)
+/// and [`FaultKind::PanicInTimer`] (in the timer callback).
 pub fn apply_fault<A>(kind: FaultKind, context: &mut Context<A>)
 where
     A: Actor<Context = Context<A>>,
@@ -1070,4 +1093,225 @@ macro_rules! impl_inject_fault {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backoff::RestartBudget;
+
+    struct Counter {
+        count: u32,
+    }
+
+    impl Actor for Counter {
+        type Context = Context<Self>;
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "u32")]
+    struct Increment;
+
+    impl Handler<Increment> for Counter {
+        type Result = u32;
+
+        fn handle(&mut self, _: Increment, _: &mut Context<Self>) -> u32 {
+            self.count += 1;
+            self.count
+        }
+    }
+
+    crate::impl_inject_fault!(Counter);
+
+    fn quick_policy() -> BackoffPolicy {
+        BackoffPolicy {
+            base: Duration::from_millis(10),
+            jitter: 0.0,
+            budget: RestartBudget {
+                max_restarts: 5,
+                window: Duration::from_secs(60),
+            },
+            ..BackoffPolicy::default()
+        }
+    }
+
+    async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), future)
+            .await
+            .expect("done within 5 s")
+    }
+
+    #[test]
+    fn a_panic_message_is_read_from_str_and_string_payloads() {
+        let literal: Box<dyn Any + Send> = Box::new("literal");
+        let formatted: Box<dyn Any + Send> = Box::new(format!("formatted {}", 1));
+        let other: Box<dyn Any + Send> = Box::new(7_u8);
+
+        assert_eq!(panic_message(&*literal), "literal");
+        assert_eq!(panic_message(&*formatted), "formatted 1");
+        assert_eq!(panic_message(&*other), "a panic without a message");
+    }
+
+    #[test]
+    fn every_send_error_but_lost_hands_the_message_back() {
+        let handed_back = [
+            RoleSendError::Restarting(1),
+            RoleSendError::GaveUp(2),
+            RoleSendError::ShutDown(3),
+            RoleSendError::Full(4),
+        ]
+        .map(RoleSendError::into_message);
+
+        assert_eq!(handed_back, [Some(1), Some(2), Some(3), Some(4)]);
+        assert_eq!(RoleSendError::<u8>::Lost.into_message(), None);
+    }
+
+    #[test]
+    fn only_a_given_up_or_shut_down_role_refuses_for_good() {
+        assert!(!RoleSendError::Restarting(()).is_closed());
+        assert!(!RoleSendError::Full(()).is_closed());
+        assert!(RoleSendError::GaveUp(()).is_closed());
+        assert!(RoleSendError::ShutDown(()).is_closed());
+        let text = RoleSendError::Restarting(()).to_string();
+        assert!(text.contains("restarting"), "{text}");
+    }
+
+    #[test]
+    fn the_closed_states_are_exactly_the_final_ones() {
+        let closed: Vec<RoleState> = [
+            RoleState::Starting,
+            RoleState::Running,
+            RoleState::Restarting,
+            RoleState::GaveUp,
+            RoleState::ShutDown,
+            RoleState::ArbiterStopped,
+        ]
+        .into_iter()
+        .filter(|state| state.is_closed())
+        .collect();
+
+        assert_eq!(
+            closed,
+            [
+                RoleState::GaveUp,
+                RoleState::ShutDown,
+                RoleState::ArbiterStopped
+            ]
+        );
+    }
+
+    #[test]
+    fn fresh_stats_serialise_with_every_field_and_nulls() {
+        let json = SupervisionStats::new("router").to_json();
+
+        assert_eq!(
+            json,
+            json!({
+                "role": "router",
+                "state": "starting",
+                "uptime_ms": null,
+                "instances": 0,
+                "restarts": 0,
+                "attempt": 0,
+                "current_delay_ms": null,
+                "last_delay_ms": null,
+                "gave_up": false,
+                "give_up_reason": null,
+                "last_crash": null,
+            })
+        );
+    }
+
+    #[test]
+    fn a_crash_reason_reads_as_text() {
+        let panic = CrashReason::Panicked {
+            message: "boom".into(),
+        };
+
+        assert_eq!(panic.to_string(), "panicked: boom");
+        assert_eq!(panic.kind(), "panic");
+        assert_eq!(CrashReason::Stopped.kind(), "stop");
+    }
+
+    #[actix_rt::test]
+    async fn a_task_that_ends_is_a_stop_and_one_that_panics_keeps_its_message() {
+        let ended = actix::spawn(async {});
+        let panicked = actix::spawn(async { panic!("boom {}", 42) });
+
+        assert!(matches!(
+            exit_of(ended.await),
+            Exit::Crashed(CrashReason::Stopped)
+        ));
+        match exit_of(panicked.await) {
+            Exit::Crashed(CrashReason::Panicked { message }) => assert_eq!(message, "boom 42"),
+            _ => panic!("a panic must be a crash"),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_supervised_role_keeps_its_state_until_it_crashes() {
+        let role = supervise(
+            "counter",
+            quick_policy(),
+            || Counter { count: 0 },
+            SupervisorOptions::new(),
+        );
+
+        assert_eq!(bounded(role.send(Increment)).await.unwrap(), 1);
+        assert_eq!(bounded(role.send(Increment)).await.unwrap(), 2);
+        role.do_send(InjectFault {
+            kind: FaultKind::Panic,
+        })
+        .unwrap();
+        bounded(role.wait_for(|stats| stats.instances == 2)).await;
+
+        assert_eq!(bounded(role.send(Increment)).await.unwrap(), 1);
+        assert_eq!(role.stats().last_delay, Some(Duration::from_millis(10)));
+    }
+
+    #[actix_rt::test]
+    async fn a_routine_shutdown_is_not_counted_as_a_crash() {
+        let role = supervise(
+            "counter",
+            quick_policy(),
+            || Counter { count: 0 },
+            SupervisorOptions::new(),
+        );
+        bounded(role.live()).await.unwrap();
+
+        role.shutdown();
+        let stats = bounded(role.terminated()).await;
+
+        assert_eq!(stats.state, RoleState::ShutDown);
+        assert_eq!((stats.restarts, stats.last_crash), (0, None));
+        assert!(role.addr().is_none());
+        let closed = bounded(role.live()).await.unwrap_err();
+        assert_eq!(
+            closed,
+            RoleClosed {
+                role: "counter",
+                state: RoleState::ShutDown
+            }
+        );
+    }
+
+    #[actix_rt::test]
+    async fn a_stopped_instance_is_restarted_with_the_policy_delay() {
+        let role = supervise(
+            "counter",
+            quick_policy(),
+            || Counter { count: 0 },
+            SupervisorOptions::new(),
+        );
+        bounded(role.live()).await.unwrap();
+
+        role.do_send(InjectFault {
+            kind: FaultKind::Stop,
+        })
+        .unwrap();
+        let stats = bounded(role.wait_for(|stats| stats.instances == 2)).await;
+
+        assert_eq!(stats.last_crash, Some(CrashReason::Stopped));
+        assert_eq!(stats.attempt, 1);
+    }
 }
