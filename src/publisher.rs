@@ -21,6 +21,18 @@
 //! actor has stopped is removed, with the events still in its buffer counted
 //! as dropped.
 //!
+//! # Known limits
+//!
+//! A buffer absorbs the difference between how fast events arrive and how
+//! fast a subscriber takes them, so its size must cover the largest burst.
+//! A producer that awaits each `send(Publish)` gives forwarding tasks a turn
+//! between events, and even a buffer of a few events keeps up with a fast
+//! subscriber. A producer that queues a burst with `do_send` (as
+//! [`EventSink`](crate::message::EventSink) does) without yielding has the
+//! whole burst handled in one turn of the arbiter, before any forwarding task
+//! runs: events past the buffer are dropped for *every* subscriber, counted
+//! as usual.
+//!
 //! # Remote publishing
 //!
 //! A process that is not the bus publishes through the *command* bus: a
@@ -67,6 +79,12 @@ pub const DEFAULT_SUBSCRIBER_BUFFER: usize = 1024;
 
 /// After the first drop of a subscription, one `warn` line per this many.
 pub const DROP_LOG_INTERVAL: u64 = 1000;
+
+/// Whether the `count`th drop gets a log line: the first, then every
+/// [`DROP_LOG_INTERVAL`]th, so a flood of drops cannot flood the log.
+pub(crate) fn worth_logging(count: u64) -> bool {
+    count == 1 || count.is_multiple_of(DROP_LOG_INTERVAL)
+}
 
 /// How a [`TopicPublisher`] is set up.
 #[derive(Debug, Clone)]
@@ -317,7 +335,7 @@ impl SubscriberRegistry {
 
     fn count_full_buffer(&self, id: SubscriptionId, subscription: &Subscription, topic: &str) {
         let dropped = self.count_drops(&subscription.counters, 1);
-        if dropped == 1 || dropped % DROP_LOG_INTERVAL == 0 {
+        if worth_logging(dropped) {
             warn!(
                 subscription = %id,
                 pattern = %subscription.pattern,
@@ -425,7 +443,7 @@ impl TopicPublisher {
             .edge_send_failures
             .fetch_add(1, Ordering::Relaxed)
             + 1;
-        if failures == 1 || failures % DROP_LOG_INTERVAL == 0 {
+        if worth_logging(failures) {
             warn!(
                 service = %self.settings.service_name,
                 url = edge.url(),
@@ -717,6 +735,28 @@ mod tests {
             stuck.delivered + stuck.dropped == 50 && stuck.queued == 0
         })
         .await;
+    }
+
+    #[actix::test]
+    async fn a_burst_larger_than_the_buffer_sent_without_yielding_is_dropped_and_counted() {
+        let registry = SubscriberRegistry::new();
+        let publisher = publisher(&registry);
+        let (subscriber, _topics) = recorder();
+        subscribe(&publisher, "*", subscriber, Some(16)).await;
+
+        let sink = crate::message::EventSink::to(publisher.clone().recipient());
+        for _ in 0..1000 {
+            sink.publish(Event::new("job.progress", "test", Value::Null));
+        }
+
+        wait_for("every event delivered or dropped", || {
+            let stats = registry.stats("t");
+            stats.events_delivered + stats.events_dropped == 1000
+        })
+        .await;
+        let stats = registry.stats("t");
+        assert!(stats.events_dropped >= 1000 - 17, "{stats:?}");
+        assert_eq!(stats.subscriptions[0].dropped, stats.events_dropped);
     }
 
     #[actix::test]

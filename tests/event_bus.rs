@@ -294,7 +294,7 @@ async fn a_pynng_subscriber_parses_every_event_with_exactly_dgbits_keys() {
 
     for (i, topic) in topics::ALL.iter().enumerate() {
         let mut event = Event::new(*topic, "test", json!({"i": i}));
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             event = event.with_correlation_id(format!("c-{i}"));
         }
         publish(&publisher, event).await;
@@ -313,7 +313,7 @@ async fn a_pynng_subscriber_parses_every_event_with_exactly_dgbits_keys() {
     for line in numbered {
         let i = line["data"]["i"].as_u64().unwrap() as usize;
         assert_eq!(line["event_type"], topics::ALL[i]);
-        let keys = if i % 2 == 0 {
+        let keys = if i.is_multiple_of(2) {
             json!([
                 "event_type",
                 "data",

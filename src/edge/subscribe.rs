@@ -55,6 +55,7 @@ use tracing::{debug, warn};
 
 use super::{dial, EdgeError, EdgeOptions};
 use crate::message::EventDelivery;
+use crate::publisher::worth_logging;
 use crate::topics::{Pattern, PatternKind};
 use crate::wire::Event;
 
@@ -63,9 +64,6 @@ pub const DEFAULT_SUB_EDGE_BUFFER: usize = 1024;
 
 /// The receive thread's longest wait before it checks for a stop.
 pub const RECEIVE_POLL: Duration = Duration::from_millis(200);
-
-/// After the first drop (or undecodable message), one `warn` per this many.
-const LOG_INTERVAL: u64 = 1000;
 
 /// Where and what a [`SubEdge`] subscribes to.
 #[derive(Debug, Clone)]
@@ -308,7 +306,7 @@ fn accept(shared: &Shared, body: &[u8], buffer: &SyncSender<Arc<Event>>) -> bool
         Ok(event) => event,
         Err(error) => {
             let undecodable = counters.undecodable.fetch_add(1, Ordering::Relaxed) + 1;
-            if undecodable == 1 || undecodable % LOG_INTERVAL == 0 {
+            if worth_logging(undecodable) {
                 warn!(
                     url = %shared.url,
                     bytes = body.len(),
@@ -329,7 +327,7 @@ fn accept(shared: &Shared, body: &[u8], buffer: &SyncSender<Arc<Event>>) -> bool
         Ok(()) => true,
         Err(TrySendError::Full(event)) => {
             let dropped = counters.drop_events(1);
-            if dropped == 1 || dropped % LOG_INTERVAL == 0 {
+            if worth_logging(dropped) {
                 warn!(
                     url = %shared.url,
                     pattern = %shared.pattern,
