@@ -14,6 +14,7 @@ use dgbit_bus::dispatcher::{
 };
 use dgbit_bus::message::{Command, EventSink, HandlerError, Publish, RunJob, StatsQuery};
 use dgbit_bus::wire::{Event, JobMessage, Priority};
+use dgbit_bus::worker::{CommandChannel, JobWorker, WorkerOptions};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -680,4 +681,87 @@ async fn a_restarted_dispatcher_keeps_the_queue_it_was_given() {
                 m
             });
     assert_eq!(by_worker["w"], 3);
+}
+
+// ---- JobWorker against an in-process dispatcher ----
+
+fn job_worker(bus: &Harness, name: &'static str, delay: Duration, concurrency: usize) -> JobWorker {
+    let sleeper = Sleeper {
+        name,
+        delay,
+        fail: false,
+        runs: bus.runs.clone(),
+    }
+    .start();
+    let options = WorkerOptions {
+        worker_id: name.into(),
+        concurrency,
+        lease_wait: Duration::from_millis(500),
+        ..WorkerOptions::default()
+    };
+    JobWorker::with_channel(
+        CommandChannel::Local(bus.dispatcher.clone().recipient()),
+        options,
+    )
+    .handler("t", sleeper.recipient())
+}
+
+#[actix_rt::test]
+async fn job_workers_share_by_speed_and_drain_on_shutdown() {
+    let mut bus = harness(settings());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let fast = actix::spawn(
+        job_worker(&bus, "fast", Duration::from_millis(5), 2).run(stopped(stop_rx.clone())),
+    );
+    let slow =
+        actix::spawn(job_worker(&bus, "slow", Duration::from_millis(200), 2).run(stopped(stop_rx)));
+    for _ in 0..100 {
+        bus.enqueue(JobMessage::new("t", json!({}))).await;
+    }
+    bus.events_until(Duration::from_secs(20), |seen| {
+        count(seen, "job.completed") == 100
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    let (fast, slow) = (fast.await.unwrap(), slow.await.unwrap());
+
+    assert_eq!(fast.completed + slow.completed, 100);
+    assert!(
+        slow.completed <= 12,
+        "slow worker completed {}",
+        slow.completed
+    );
+    assert_eq!(fast.reports_ignored + slow.reports_ignored, 0);
+    let stats = bus.stats().await;
+    assert_eq!(stats["workers"]["fast"]["completed"], json!(fast.completed));
+    assert_eq!(stats["in_flight"], json!(0));
+}
+
+#[actix_rt::test]
+async fn a_job_worker_heartbeats_so_a_long_job_keeps_its_lease() {
+    let mut bus = harness(settings());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = job_worker(&bus, "long", Duration::from_millis(1000), 1);
+    let running = actix::spawn(worker.run(async move {
+        let _ = stop_rx.await;
+    }));
+    bus.enqueue(JobMessage::new("t", json!({}))).await;
+    let events = bus
+        .events_until(Duration::from_secs(5), |seen| {
+            count(seen, "job.completed") == 1
+        })
+        .await;
+    assert_eq!(count(&events, "job.started"), 1, "never redelivered");
+    assert_eq!(
+        count(&events, "job.progress"),
+        1,
+        "the handler's progress report"
+    );
+    stop_tx.send(()).unwrap();
+    let summary = running.await.unwrap();
+    assert_eq!(summary.completed, 1);
+    assert_eq!(bus.stats().await["redelivered"], json!(0));
 }
