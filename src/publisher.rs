@@ -273,6 +273,45 @@ impl SubscriberRegistry {
         }
     }
 
+    /// Subscribe `subscriber` to `pattern` directly, without going through
+    /// a publisher actor: for a bus that registers subscribers while it
+    /// starts. [`Subscribe`] does the same through the actor. A `buffer` of
+    /// 0 is treated as 1.
+    ///
+    /// # Errors
+    ///
+    /// The [`PatternError`] of an invalid pattern; nothing is registered.
+    ///
+    /// # Panics
+    ///
+    /// Outside a running actix system: the subscription's forwarding task is
+    /// spawned on the current arbiter.
+    pub fn subscribe(
+        &self,
+        pattern: &str,
+        subscriber: Recipient<EventDelivery>,
+        buffer: usize,
+    ) -> Result<SubscriptionId, PatternError> {
+        let pattern = Pattern::parse(pattern)?;
+        let buffer = buffer.max(1);
+        let forwarding = self.add(pattern, buffer);
+        let id = forwarding.id;
+        debug!(subscription = %id, pattern = %forwarding.pattern, buffer, "subscribed");
+
+        // A detached task, not one tied to a publisher actor, so that it
+        // survives a restart of the publisher.
+        actix::spawn(forward(self.clone(), forwarding, subscriber));
+        Ok(id)
+    }
+
+    /// End a subscription; returns whether it existed. Events already in
+    /// its buffer are still delivered.
+    pub fn unsubscribe(&self, id: SubscriptionId) -> bool {
+        let existed = self.remove(id);
+        debug!(subscription = %id, existed, "unsubscribed");
+        existed
+    }
+
     fn lock(&self) -> MutexGuard<'_, Subscriptions> {
         // A panic while holding the lock leaves the map consistent (every
         // change is a single insert or remove), so a poisoned lock is usable.
@@ -484,23 +523,9 @@ impl Handler<Subscribe> for TopicPublisher {
     type Result = Result<SubscriptionId, PatternError>;
 
     fn handle(&mut self, message: Subscribe, _: &mut Self::Context) -> Self::Result {
-        let pattern = Pattern::parse(&message.pattern)?;
-        let buffer = message
-            .buffer
-            .unwrap_or(self.settings.subscriber_buffer)
-            .max(1);
-        let forwarding = self.registry.add(pattern, buffer);
-        let id = forwarding.id;
-        debug!(subscription = %id, pattern = %message.pattern, buffer, "subscribed");
-
-        // A detached task, not one tied to this actor, so that it survives
-        // a restart of the publisher.
-        actix::spawn(forward(
-            self.registry.clone(),
-            forwarding,
-            message.subscriber,
-        ));
-        Ok(id)
+        let buffer = message.buffer.unwrap_or(self.settings.subscriber_buffer);
+        self.registry
+            .subscribe(&message.pattern, message.subscriber, buffer)
     }
 }
 
@@ -508,9 +533,7 @@ impl Handler<Unsubscribe> for TopicPublisher {
     type Result = bool;
 
     fn handle(&mut self, message: Unsubscribe, _: &mut Self::Context) -> bool {
-        let existed = self.registry.remove(message.id);
-        debug!(subscription = %message.id, existed, "unsubscribed");
-        existed
+        self.registry.unsubscribe(message.id)
     }
 }
 
@@ -793,6 +816,19 @@ mod tests {
         publish(&successor, "trade.exited").await;
         assert_eq!(next_topic(&mut topics).await, "trade.exited");
         assert_eq!(registry.stats("t").events_published, 2);
+    }
+
+    #[actix::test]
+    async fn a_bus_can_subscribe_through_the_registry_before_its_publisher_starts() {
+        let registry = SubscriberRegistry::new();
+        let (subscriber, mut topics) = recorder();
+        registry.subscribe("data.*", subscriber, 4).unwrap();
+        assert!(registry.subscribe("data.**", recorder().0, 4).is_err());
+
+        let publisher = publisher(&registry);
+        publish(&publisher, "data.cached").await;
+        assert_eq!(next_topic(&mut topics).await, "data.cached");
+        assert_eq!(registry.subscriber_count(), 1);
     }
 
     #[actix::test]
