@@ -153,6 +153,7 @@ pub struct Subscribe {
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "bool")]
 pub struct Unsubscribe {
+    /// The id [`Subscribe`] replied with.
     pub id: SubscriptionId,
 }
 
@@ -160,6 +161,7 @@ pub struct Unsubscribe {
 /// JSON with these field names).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PublisherStats {
+    /// [`PublisherSettings::service_name`].
     pub service: String,
     /// Events accepted by the publisher.
     pub events_published: u64,
@@ -171,18 +173,24 @@ pub struct PublisherStats {
     pub edge_send_failures: u64,
     /// Live in-process subscriptions.
     pub subscribers: usize,
+    /// Each live subscription, oldest first.
     pub subscriptions: Vec<SubscriptionStats>,
 }
 
 /// One live subscription's counters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SubscriptionStats {
+    /// The subscription's id.
     pub id: SubscriptionId,
+    /// Its pattern as written.
     pub pattern: String,
+    /// Its buffer size in events.
     pub buffer: usize,
     /// Events waiting in its buffer now.
     pub queued: usize,
+    /// Events its subscriber has handled.
     pub delivered: u64,
+    /// Events given up for it: buffer full, or subscriber gone.
     pub dropped: u64,
 }
 

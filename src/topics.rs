@@ -113,16 +113,30 @@ pub enum PatternError {
     Empty,
     /// Two dots in a row, or a dot at either end (`job..x`, `.job`, `job.`).
     #[error("event pattern `{pattern}` has an empty segment")]
-    EmptySegment { pattern: String },
+    EmptySegment {
+        /// The refused pattern.
+        pattern: String,
+    },
     /// A `*` that is not a whole segment (`job*`, `**`).
     #[error("event pattern `{pattern}`: `*` must be a whole segment, not part of `{segment}`")]
-    PartialWildcard { pattern: String, segment: String },
+    PartialWildcard {
+        /// The refused pattern.
+        pattern: String,
+        /// The segment that holds the `*`.
+        segment: String,
+    },
     /// A `*` segment between two others (`a.*.b`).
     #[error("event pattern `{pattern}`: `*` may only be the first or the last segment")]
-    InnerWildcard { pattern: String },
+    InnerWildcard {
+        /// The refused pattern.
+        pattern: String,
+    },
     /// A `*` segment at both ends (`*.*`, `*.job.*`).
     #[error("event pattern `{pattern}` has a wildcard at both ends")]
-    WildcardAtBothEnds { pattern: String },
+    WildcardAtBothEnds {
+        /// The refused pattern.
+        pattern: String,
+    },
 }
 
 /// What a [`Pattern`] selects. Read it with [`Pattern::kind`]; build a
