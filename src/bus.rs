@@ -1,6 +1,10 @@
 //! Starting a bus: the roles, their edges, and the handle an application
 //! keeps.
 //!
+//! Every socket role (the two routers, and each edge) runs under its own
+//! supervisor with the bus's [`BackoffPolicy`]; a role given up for good is
+//! reported by [`BusHandle::fatal`].
+//!
 //! ```no_run
 //! use actix::prelude::*;
 //! use dgbit_bus::bus::Bus;
@@ -10,43 +14,40 @@
 //! use serde_json::{json, Value};
 //!
 //! #[actix::main]
-//! async fn main() -> anyhow::Result<()> {
+//! async fn main() {
 //!     let echo = FnHandler::new(|command: Command| -> Result<Value, HandlerError> {
 //!         Ok(json!({"echo": command.request.payload}))
 //!     })
 //!     .start();
 //!     let bus = Bus::builder(BusConfig::from_env())
 //!         .command("echo", echo.recipient())
-//!         .start()?;
+//!         .start();
 //!     // ... serve until asked to stop ...
 //!     bus.shutdown().await;
-//!     Ok(())
 //! }
 //! ```
 
 use actix::prelude::*;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::{error, warn};
 
+use crate::backoff::BackoffPolicy;
 use crate::builtin::BuiltinCommands;
 use crate::config::BusConfig;
+use crate::edge::listener::{Edge, EdgeActor, EdgeOpener, EdgeSlot};
 use crate::edge::rep::{InboundSink, RepEdge};
-use crate::edge::{EdgeError, EdgeOptions};
-use crate::message::Command;
+use crate::edge::EdgeOptions;
+use crate::message::{Command, EventSink, StatsQuery};
 use crate::router::{CommandRouter, Dispatch, RouteTable, RouterSettings, StopIntake};
-use crate::wire::{CommandReply, CommandRequest};
-
-/// Why a bus could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("{role} edge: {source}")]
-    Edge {
-        role: &'static str,
-        source: EdgeError,
-    },
-}
+use crate::supervisor::{supervise, GiveUp, RoleSendError, SupervisedRole, SupervisorOptions};
+use crate::wire::{code, CommandReply, CommandRequest, Echo};
 
 /// Collects handlers, then starts the bus.
 pub struct BusBuilder {
     config: BusConfig,
+    policy: BackoffPolicy,
     command_routes: RouteTable,
     data_routes: RouteTable,
 }
@@ -58,6 +59,7 @@ impl Bus {
     pub fn builder(config: BusConfig) -> BusBuilder {
         BusBuilder {
             config,
+            policy: BackoffPolicy::default(),
             command_routes: RouteTable::default(),
             data_routes: RouteTable::default(),
         }
@@ -77,70 +79,210 @@ impl BusBuilder {
         self
     }
 
-    /// Start every role and open the configured edges. Must be called inside
-    /// a running actix system.
-    ///
-    /// # Errors
-    ///
-    /// [`BusError::Edge`] when a socket cannot listen (address in use by a
-    /// live bus, directory missing, permission denied).
-    pub fn start(self) -> Result<BusHandle, BusError> {
-        let config = self.config;
-        let command_router = start_router(&config, "command", self.command_routes.clone());
-        let data_router = start_router(&config, "data", self.data_routes.clone());
+    /// Serve `name` on the command bus with an actor built by `factory` and
+    /// restarted by a supervisor when it panics or stops: the request it was
+    /// handling fails with `handler_failed`, the next one reaches the new
+    /// instance.
+    pub fn supervised_command<A, F>(self, name: &'static str, factory: F) -> Self
+    where
+        A: Actor<Context = Context<A>> + Handler<Command>,
+        F: Fn() -> A + Send + 'static,
+    {
+        let role = supervise(name, self.policy.clone(), factory, SupervisorOptions::new());
+        let resolver = move || role.addr().map(Addr::recipient);
+        self.command_routes
+            .register_resolver(name, Arc::new(resolver));
+        self
+    }
 
-        let status = BuiltinCommands::new(config.service_name.clone())
-            .with_role("command", command_router.clone().recipient())
-            .with_role("data", data_router.clone().recipient())
+    /// The restart schedule of every role (default [`BackoffPolicy::default`]).
+    pub fn restart_policy(mut self, policy: BackoffPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Start every role under its supervisor and open the configured edges.
+    /// Must be called inside a running actix system.
+    ///
+    /// An edge that cannot open (directory missing, permission denied,
+    /// address held by a live process) does not fail the start: its edge
+    /// actor retries on the restart schedule and logs each failure, and the
+    /// bus serves in-process traffic meanwhile. [`BusHandle::fatal`] reports
+    /// a role given up for good.
+    pub fn start(self) -> BusHandle {
+        let (fatal_sender, fatal) = watch::channel(None);
+        let mut roles = RoleSet {
+            policy: self.policy,
+            fatal: Arc::new(fatal_sender),
+            health: Vec::new(),
+        };
+        let config = self.config;
+        let events = EventSink::discard();
+
+        let command_router = roles.router(&config, "command", &self.command_routes, &events);
+        let data_router = roles.router(&config, "data", &self.data_routes, &events);
+        let builtins = BuiltinCommands::new(config.service_name.clone())
+            .with_role("command", stats_of(&command_router))
+            .with_role("data", stats_of(&data_router))
             .start();
         for routes in [&self.command_routes, &self.data_routes] {
             for name in ["ping", "echo", "status"] {
-                routes.register_default(name, status.clone().recipient());
+                routes.register_default(name, builtins.clone().recipient());
             }
         }
 
         let options = edge_options(&config);
-        let mut edges = Vec::new();
-        if config.edges.command {
-            edges.push(open_rep(
-                "command",
+        let mut rep_slots = Vec::new();
+        for (enabled, role, url, router) in [
+            (
+                config.edges.command,
+                "command-edge",
                 &config.addresses.command,
-                &config,
-                &options,
                 &command_router,
-            )?);
-        }
-        if config.edges.data {
-            edges.push(open_rep(
-                "data",
+            ),
+            (
+                config.edges.data,
+                "data-edge",
                 &config.addresses.data,
-                &config,
-                &options,
                 &data_router,
-            )?);
+            ),
+        ] {
+            if enabled {
+                let opener = rep_opener(url, &config, &options, router.clone());
+                rep_slots.push(roles.edge(role, opener, &events));
+            }
         }
-        Ok(BusHandle {
+
+        BusHandle {
             config,
             command_routes: self.command_routes,
             data_routes: self.data_routes,
             command_router,
             data_router,
-            rep_edges: edges,
-        })
+            rep_slots,
+            roles: Arc::new(roles.health),
+            fatal,
+        }
     }
 }
 
-fn start_router(config: &BusConfig, role: &'static str, routes: RouteTable) -> Addr<CommandRouter> {
-    let settings = RouterSettings {
-        role,
-        default_command: config.default_command.clone(),
-        max_message_size: config.max_message_size,
-        handler_timeout: config.handler_timeout,
-        max_in_flight: config.max_commands_in_flight,
-        dedup_capacity: config.dedup_capacity,
-        dedup_ttl: config.dedup_ttl,
-    };
-    CommandRouter::new(settings, routes).start()
+/// Starts supervised roles and remembers how to report on them.
+struct RoleSet {
+    policy: BackoffPolicy,
+    fatal: Arc<watch::Sender<Option<String>>>,
+    health: Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>,
+}
+
+impl RoleSet {
+    fn options(&self, events: &EventSink) -> SupervisorOptions {
+        let fatal = self.fatal.clone();
+        SupervisorOptions::new()
+            .alerts(events.clone())
+            .on_give_up(move |give_up: &GiveUp| {
+                error!(
+                    role = give_up.role,
+                    restarts = give_up.restarts,
+                    "required role given up"
+                );
+                let _ = fatal.send(Some(give_up.role.to_string()));
+            })
+    }
+
+    fn supervise<A, F>(
+        &mut self,
+        role: &'static str,
+        factory: F,
+        events: &EventSink,
+    ) -> SupervisedRole<A>
+    where
+        A: Actor<Context = Context<A>>,
+        F: Fn() -> A + Send + 'static,
+    {
+        let supervised = supervise(role, self.policy.clone(), factory, self.options(events));
+        let watched = supervised.clone();
+        self.health.push((role, Box::new(move || watched.health())));
+        supervised
+    }
+
+    fn router(
+        &mut self,
+        config: &BusConfig,
+        role: &'static str,
+        routes: &RouteTable,
+        events: &EventSink,
+    ) -> SupervisedRole<CommandRouter> {
+        let settings = RouterSettings {
+            role,
+            default_command: config.default_command.clone(),
+            max_message_size: config.max_message_size,
+            handler_timeout: config.handler_timeout,
+            max_in_flight: config.max_commands_in_flight,
+            dedup_capacity: config.dedup_capacity,
+            dedup_ttl: config.dedup_ttl,
+        };
+        let routes = routes.clone();
+        self.supervise(
+            role,
+            move || CommandRouter::new(settings.clone(), routes.clone()),
+            events,
+        )
+    }
+
+    fn edge<E: Edge + Unpin>(
+        &mut self,
+        role: &'static str,
+        opener: EdgeOpener<E>,
+        events: &EventSink,
+    ) -> EdgeSlot<E>
+    where
+        EdgeActor<E>: Actor<Context = Context<EdgeActor<E>>>,
+    {
+        let slot = EdgeSlot::default();
+        let for_actor = slot.clone();
+        self.supervise(
+            role,
+            move || EdgeActor::new(role, opener.clone(), for_actor.clone()),
+            events,
+        );
+        slot
+    }
+}
+
+/// A recipient of [`StatsQuery`] for `role`'s current instance.
+fn stats_of(role: &SupervisedRole<CommandRouter>) -> Recipient<StatsQuery> {
+    StatsForwarder { role: role.clone() }.start().recipient()
+}
+
+/// Answers [`StatsQuery`] for whichever instance of a supervised role is
+/// live, adding the supervisor's own counters.
+struct StatsForwarder<A: Actor> {
+    role: SupervisedRole<A>,
+}
+
+impl<A: Actor<Context = Context<A>>> Actor for StatsForwarder<A> {
+    type Context = Context<Self>;
+}
+
+impl<A> Handler<StatsQuery> for StatsForwarder<A>
+where
+    A: Actor<Context = Context<A>> + Handler<StatsQuery>,
+{
+    type Result = ResponseFuture<Value>;
+
+    fn handle(&mut self, query: StatsQuery, _ctx: &mut Self::Context) -> Self::Result {
+        let role = self.role.clone();
+        Box::pin(async move {
+            let supervision = role.health();
+            let mut stats = role
+                .send(query)
+                .await
+                .unwrap_or_else(|_| json!({"state": "down"}));
+            if let Value::Object(map) = &mut stats {
+                map.insert("supervision".into(), supervision);
+            }
+            stats
+        })
+    }
 }
 
 fn edge_options(config: &BusConfig) -> EdgeOptions {
@@ -151,28 +293,42 @@ fn edge_options(config: &BusConfig) -> EdgeOptions {
     }
 }
 
-fn open_rep(
-    role: &'static str,
+/// Opens the REP edge of `url`, feeding `router`. A request that arrives
+/// while the router restarts is answered `overloaded` at once.
+fn rep_opener(
     url: &str,
     config: &BusConfig,
     options: &EdgeOptions,
-    router: &Addr<CommandRouter>,
-) -> Result<RepEdge, BusError> {
-    let router = router.clone();
-    let sink: InboundSink = std::sync::Arc::new(move |inbound| router.do_send(inbound));
-    RepEdge::listen(url, options, config.contexts_per_socket, sink)
-        .map_err(|source| BusError::Edge { role, source })
+    router: SupervisedRole<CommandRouter>,
+) -> EdgeOpener<RepEdge> {
+    let sink: InboundSink = Arc::new(move |inbound| match router.do_send(inbound) {
+        Ok(()) => {}
+        Err(RoleSendError::Lost) => {
+            warn!(role = router.role(), "request lost to a stopping router")
+        }
+        Err(refused) => {
+            if let Some(inbound) = refused.into_message() {
+                let text = "the router is restarting; try again shortly";
+                let reply =
+                    CommandReply::error(Echo::salvage(&inbound.body), code::OVERLOADED, text);
+                inbound.reply.send(reply.encode());
+            }
+        }
+    });
+    let (url, options, contexts) = (url.to_string(), options.clone(), config.contexts_per_socket);
+    Arc::new(move || RepEdge::listen(&url, &options, contexts, sink.clone()))
 }
 
-/// A running bus. Dropping it closes the edges; [`BusHandle::shutdown`]
-/// drains first.
+/// A running bus. [`BusHandle::shutdown`] drains it and closes its edges.
 pub struct BusHandle {
     config: BusConfig,
     command_routes: RouteTable,
     data_routes: RouteTable,
-    command_router: Addr<CommandRouter>,
-    data_router: Addr<CommandRouter>,
-    rep_edges: Vec<RepEdge>,
+    command_router: SupervisedRole<CommandRouter>,
+    data_router: SupervisedRole<CommandRouter>,
+    rep_slots: Vec<EdgeSlot<RepEdge>>,
+    roles: Arc<Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>>,
+    fatal: watch::Receiver<Option<String>>,
 }
 
 impl BusHandle {
@@ -189,6 +345,40 @@ impl BusHandle {
         &self.data_routes
     }
 
+    /// The command router's supervised handle (for its stats and, in tests,
+    /// for injecting faults).
+    pub fn command_router(&self) -> &SupervisedRole<CommandRouter> {
+        &self.command_router
+    }
+
+    /// Whether every configured edge is open.
+    pub fn edges_open(&self) -> bool {
+        self.rep_slots.iter().all(EdgeSlot::is_open)
+    }
+
+    /// Wait until every configured edge is open, up to `limit`; edges open
+    /// in the background (see [`BusBuilder::start`]).
+    pub async fn wait_for_edges(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.edges_open() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// The supervision counters of every role, by role name.
+    pub fn supervision(&self) -> Value {
+        Value::Object(
+            self.roles
+                .iter()
+                .map(|(role, health)| (role.to_string(), health()))
+                .collect(),
+        )
+    }
+
     /// Run a command through the command router in-process, exactly as a
     /// remote request would run (dedup, timeout, error codes).
     pub async fn request(&self, request: CommandRequest) -> CommandReply {
@@ -198,6 +388,21 @@ impl BusHandle {
     /// Run a command through the data router in-process.
     pub async fn data_request(&self, request: CommandRequest) -> CommandReply {
         dispatch(&self.data_router, request).await
+    }
+
+    /// Resolves when a role has been given up for good, with its name: the
+    /// process should then exit non-zero so that an outer supervisor
+    /// (systemd, a container runtime) restarts it.
+    pub async fn fatal(&self) -> String {
+        let mut fatal = self.fatal.clone();
+        loop {
+            if let Some(role) = fatal.borrow_and_update().clone() {
+                return role;
+            }
+            if fatal.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Stop intake, wait for commands in flight up to the drain deadline,
@@ -212,15 +417,15 @@ impl BusHandle {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }
-        for edge in &self.rep_edges {
-            edge.close();
+        for slot in &self.rep_slots {
+            slot.close();
         }
     }
 }
 
-async fn dispatch(router: &Addr<CommandRouter>, request: CommandRequest) -> CommandReply {
+async fn dispatch(router: &SupervisedRole<CommandRouter>, request: CommandRequest) -> CommandReply {
     let echo = request.echo();
     router.send(Dispatch { request }).await.unwrap_or_else(|_| {
-        CommandReply::error(echo, crate::wire::code::SHUTTING_DOWN, "the router is gone")
+        CommandReply::error(echo, code::SHUTTING_DOWN, "the router is not running")
     })
 }

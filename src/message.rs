@@ -135,16 +135,22 @@ impl fmt::Debug for ProgressReporter {
 /// Where a handler publishes events of its own (for example `trade.entered`).
 ///
 /// A handler built without a bus gets [`EventSink::discard`]; a test can pass
-/// [`EventSink::to`] with its own recording actor.
+/// [`EventSink::to`] with its own recording actor. The bus hands out sinks
+/// that reach whichever publisher instance is live ([`EventSink::from_fn`]).
 #[derive(Clone, Default)]
 pub struct EventSink {
-    target: Option<Recipient<Publish>>,
+    target: Option<Arc<dyn Fn(Publish) + Send + Sync>>,
 }
 
 impl EventSink {
     pub fn to(target: Recipient<Publish>) -> Self {
+        Self::from_fn(move |publish| target.do_send(publish))
+    }
+
+    /// A sink that hands each event to `deliver`, which must not block.
+    pub fn from_fn(deliver: impl Fn(Publish) + Send + Sync + 'static) -> Self {
         Self {
-            target: Some(target),
+            target: Some(Arc::new(deliver)),
         }
     }
 
@@ -157,7 +163,7 @@ impl EventSink {
     /// dropped by design.
     pub fn publish(&self, event: Event) {
         if let Some(target) = &self.target {
-            target.do_send(Publish { event });
+            target(Publish { event });
         }
     }
 }

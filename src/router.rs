@@ -405,3 +405,4 @@ where
         (self.function)(command)
     }
 }
+crate::impl_inject_fault!(CommandRouter);

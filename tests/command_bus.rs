@@ -62,7 +62,14 @@ fn start_bus(addresses: &TestAddresses, handlers: &[(&str, Recipient<Command>)])
     for (name, recipient) in handlers {
         builder = builder.command(*name, recipient.clone());
     }
-    builder.start().expect("bus starts")
+    builder.start()
+}
+
+async fn ready(bus: &BusHandle) {
+    assert!(
+        bus.wait_for_edges(Duration::from_secs(5)).await,
+        "edges did not open"
+    );
 }
 
 async fn client(url: &str, timeout: Duration) -> BusClient {
@@ -178,8 +185,7 @@ async fn every_kind_of_bad_request_gets_its_code_over_tcp_and_the_next_is_served
     let bus = Bus::builder(config)
         .command("echo", echo.clone())
         .command("fail", echo)
-        .start()
-        .unwrap();
+        .start();
     let client = client(&url, Duration::from_secs(5)).await;
 
     let cases: Vec<(Vec<u8>, &str)> = vec![
@@ -251,8 +257,7 @@ async fn the_data_bus_is_a_second_router_with_its_own_handlers() {
     let config = BusConfig::default().addresses(addresses.addresses.clone());
     let bus = Bus::builder(config)
         .data_command("GET_KLINES", klines)
-        .start()
-        .unwrap();
+        .start();
     let data = client(&addresses.addresses.data, Duration::from_secs(5)).await;
     let command = client(&addresses.addresses.command, Duration::from_secs(5)).await;
 
@@ -271,8 +276,7 @@ async fn a_bus_without_edges_serves_in_process_requests() {
     let (echo, calls) = handler(Duration::ZERO);
     let bus = Bus::builder(BusConfig::in_process().edges(EdgeSet::NONE))
         .command("echo", echo)
-        .start()
-        .unwrap();
+        .start();
     let reply = bus
         .request(CommandRequest::new("echo", json!({"a": 1})))
         .await;

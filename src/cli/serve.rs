@@ -45,23 +45,32 @@ impl ServeArgs {
 ///
 /// # Errors
 ///
-/// When an edge cannot listen (see [`crate::bus::BusError`]).
+/// When a role crashed too often and was given up (the bus exits non-zero
+/// so that an outer supervisor restarts it).
 pub fn run_serve(args: &ServeArgs, addresses: &AddressArgs) -> anyhow::Result<()> {
     let config = args.config(addresses);
     actix::System::new().block_on(async move {
-        let bus = Bus::builder(config.clone()).start()?;
+        let bus = Bus::builder(config.clone()).start();
         info!(
             command = %config.addresses.command,
             data = %config.addresses.data,
             event = %config.addresses.event,
             queue = %config.addresses.job_queue,
-            "bus serving"
+            "bus starting"
         );
-        wait_for_signal().await;
+        let gone = tokio::select! {
+            _ = wait_for_signal() => None,
+            role = bus.fatal() => Some(role),
+        };
         info!("shutdown requested; draining");
         bus.shutdown().await;
-        info!("bus stopped");
-        Ok(())
+        match gone {
+            None => {
+                info!("bus stopped");
+                Ok(())
+            }
+            Some(role) => anyhow::bail!("role `{role}` crashed too often and was given up"),
+        }
     })
 }
 

@@ -10,6 +10,7 @@
 //! - [`subscribe`]: `SubEdge`, a remote subscriber that dials a bus.
 //! - [`push`]: `PushEdge`, the PUSH side of the job queue.
 
+pub mod listener;
 pub mod publish;
 pub mod push;
 pub mod rep;
