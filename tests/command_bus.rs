@@ -86,6 +86,7 @@ async fn a_slow_handler_does_not_delay_a_ping_from_another_client() {
     let addresses = TestAddresses::new();
     let (slow, _) = handler(Duration::from_secs(2));
     let bus = start_bus(&addresses, &[("slow", slow)]);
+    ready(&bus).await;
     let url = addresses.addresses.command.clone();
     let slow_client = client(&url, Duration::from_secs(10)).await;
     let ping_client = client(&url, Duration::from_secs(10)).await;
@@ -112,6 +113,7 @@ async fn a_timed_out_client_succeeds_on_its_next_request() {
     let addresses = TestAddresses::new();
     let (slow, _) = handler(Duration::from_secs(2));
     let bus = start_bus(&addresses, &[("slow", slow)]);
+    ready(&bus).await;
     let client = client(&addresses.addresses.command, Duration::from_millis(500)).await;
 
     let err = client.call("slow", json!({})).await.unwrap_err();
@@ -129,6 +131,7 @@ async fn a_request_resent_by_nng_runs_the_handler_once() {
     let addresses = TestAddresses::new();
     let (slow, calls) = handler(Duration::from_millis(800));
     let bus = start_bus(&addresses, &[("slow", slow)]);
+    ready(&bus).await;
     let options = ClientOptions::default()
         .timeout(Duration::from_secs(10))
         .resend_interval(Duration::from_millis(100));
@@ -160,6 +163,7 @@ async fn a_repeated_job_uuid_gets_the_first_reply_without_running_again() {
     let addresses = TestAddresses::new();
     let (echo, calls) = handler(Duration::ZERO);
     let bus = start_bus(&addresses, &[("echo", echo)]);
+    ready(&bus).await;
     let client = client(&addresses.addresses.command, Duration::from_secs(5)).await;
 
     let mut first = CommandRequest::new("echo", json!({"n": 1}));
@@ -186,6 +190,7 @@ async fn every_kind_of_bad_request_gets_its_code_over_tcp_and_the_next_is_served
         .command("echo", echo.clone())
         .command("fail", echo)
         .start();
+    ready(&bus).await;
     let client = client(&url, Duration::from_secs(5)).await;
 
     let cases: Vec<(Vec<u8>, &str)> = vec![
@@ -219,6 +224,7 @@ async fn a_request_without_command_goes_to_the_default_route() {
     let addresses = TestAddresses::new();
     let (echo, calls) = handler(Duration::ZERO);
     let bus = start_bus(&addresses, &[("run_backtest", echo)]);
+    ready(&bus).await;
     let client = client(&addresses.addresses.command, Duration::from_secs(5)).await;
 
     let body = json!({"job_uuid": "550e8400", "payload": {"symbol": "EURUSD"}, "extra": 1});
@@ -236,6 +242,7 @@ async fn a_panicking_handler_fails_its_request_and_the_bus_serves_on() {
     let addresses = TestAddresses::new();
     let (panicky, _) = handler(Duration::ZERO);
     let bus = start_bus(&addresses, &[("panic", panicky)]);
+    ready(&bus).await;
     let client = client(&addresses.addresses.command, Duration::from_secs(5)).await;
 
     let err = client.call("panic", json!({})).await.unwrap_err();
@@ -258,6 +265,7 @@ async fn the_data_bus_is_a_second_router_with_its_own_handlers() {
     let bus = Bus::builder(config)
         .data_command("GET_KLINES", klines)
         .start();
+    ready(&bus).await;
     let data = client(&addresses.addresses.data, Duration::from_secs(5)).await;
     let command = client(&addresses.addresses.command, Duration::from_secs(5)).await;
 
