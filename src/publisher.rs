@@ -51,8 +51,8 @@
 //! Subscriptions and counters live in a [`SubscriberRegistry`] that the bus
 //! creates once and passes to every `TopicPublisher` it starts, so a
 //! publisher restarted by a supervisor keeps its subscribers and its counts.
-//! Forwarding tasks run on the arbiter the publisher ran on and are not tied
-//! to the actor.
+//! Forwarding tasks run on the arbiter where the subscription was made (the
+//! publisher's, for [`Subscribe`]) and are not tied to the actor.
 
 use std::collections::BTreeMap;
 use std::fmt;
