@@ -765,3 +765,454 @@ async fn a_job_worker_heartbeats_so_a_long_job_keeps_its_lease() {
     assert_eq!(summary.completed, 1);
     assert_eq!(bus.stats().await["redelivered"], json!(0));
 }
+
+// ---- over real ipc sockets: a command bus wired to the dispatcher ----
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+
+use dgbit_bus::client::{BusClient, ClientOptions};
+use dgbit_bus::config::Addresses;
+use dgbit_bus::edge::push::PushEdge;
+use dgbit_bus::edge::rep::{InboundSink, RepEdge};
+use dgbit_bus::edge::EdgeOptions;
+use dgbit_bus::router::{CommandRouter, RouteTable, RouterSettings};
+
+const QUEUE_COMMANDS: [&str; 5] = [
+    "bus.enqueue",
+    "bus.lease",
+    "bus.report",
+    "bus.cancel",
+    "bus.jobs",
+];
+const DLQ_COMMANDS: [&str; 4] = [
+    "bus.dlq.list",
+    "bus.dlq.show",
+    "bus.dlq.replay",
+    "bus.dlq.purge",
+];
+
+/// The job queue behind a real command socket (and, when asked, a PUSH
+/// edge), in a fresh temp dir.
+struct SocketBus {
+    _dir: common::TestAddresses,
+    addresses: Addresses,
+    inner: Harness,
+    _edge: RepEdge,
+}
+
+fn socket_bus(
+    settings: DispatcherSettings,
+    dead_letter_path: Option<std::path::PathBuf>,
+    push: Option<Arc<PushEdge>>,
+    dir: common::TestAddresses,
+) -> SocketBus {
+    let (sender, events) = mpsc::unbounded_channel();
+    let recorder = Recorder(sender).start();
+    let dead_letters = DeadLetterActor::open(dead_letter_path, DeadLetterLimits::default())
+        .unwrap()
+        .start();
+    let state = QueueState::new();
+    let dispatcher = QueueDispatcher::new(
+        settings,
+        state.clone(),
+        EventSink::to(recorder.recipient()),
+        dead_letters.clone().recipient(),
+        push,
+    )
+    .start();
+    dead_letters.do_send(SetReplayTarget {
+        target: dispatcher.clone().recipient(),
+    });
+
+    let routes = RouteTable::default();
+    for name in QUEUE_COMMANDS {
+        routes.register(name, dispatcher.clone().recipient());
+    }
+    for name in DLQ_COMMANDS {
+        routes.register(name, dead_letters.clone().recipient());
+    }
+    let router = CommandRouter::new(RouterSettings::default(), routes).start();
+    let sink: InboundSink = Arc::new(move |inbound| router.do_send(inbound));
+    let addresses = dir.addresses.clone();
+    let edge = RepEdge::listen(&addresses.command, &EdgeOptions::default(), 32, sink).unwrap();
+    let inner = Harness {
+        dispatcher,
+        dead_letters,
+        events,
+        state,
+        runs: Arc::default(),
+    };
+    SocketBus {
+        _dir: dir,
+        addresses,
+        inner,
+        _edge: edge,
+    }
+}
+
+async fn client(url: &str) -> BusClient {
+    let options = ClientOptions::default().timeout(Duration::from_secs(10));
+    BusClient::connect(url, options).await.unwrap()
+}
+
+/// A Python peer; its stdout lines arrive on a channel. Killed (SIGKILL)
+/// when dropped.
+struct Peer {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Peer {
+    fn start(script: &str, args: &[&str]) -> Peer {
+        let mut child = common::python()
+            .arg(common::python_script(script))
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 starts");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Peer { child, lines }
+    }
+
+    async fn line(&mut self, within: Duration) -> String {
+        tokio::time::timeout(within, self.lines.recv())
+            .await
+            .expect("a line from the Python peer in time")
+            .expect("the Python peer is still running")
+    }
+
+    /// Lines printed so far, without waiting.
+    fn drain(&mut self) -> Vec<String> {
+        std::iter::from_fn(|| self.lines.try_recv().ok()).collect()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn lease_worker(address: &str, id: &str, delay: &str) -> Peer {
+    Peer::start(
+        "lease_worker.py",
+        &["--address", address, "--worker-id", id, "--delay", delay],
+    )
+}
+
+fn completed_ids(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("completed ").map(str::to_string))
+        .collect()
+}
+
+#[actix_rt::test]
+async fn three_python_workers_one_forty_times_slower_share_300_jobs_by_speed() {
+    let mut bus = socket_bus(settings(), None, None, common::TestAddresses::new());
+    let command = bus.addresses.command.clone();
+    let mut workers = [
+        lease_worker(&command, "fast-1", "0.01"),
+        lease_worker(&command, "fast-2", "0.01"),
+        lease_worker(&command, "slow", "0.4"),
+    ];
+    for worker in &mut workers {
+        assert!(worker
+            .line(Duration::from_secs(10))
+            .await
+            .starts_with("ready"));
+    }
+    let producer = client(&command).await;
+    let started = Instant::now();
+    for n in 0..300 {
+        producer
+            .call("bus.enqueue", json!({"job_type": "t", "payload": {"n": n}}))
+            .await
+            .unwrap();
+    }
+    bus.inner
+        .events_until(Duration::from_secs(60), |seen| {
+            count(seen, "job.completed") == 300
+        })
+        .await;
+    let elapsed = started.elapsed();
+
+    let stats = bus.inner.stats().await;
+    let done = |id: &str| stats["workers"][id]["completed"].as_u64().unwrap();
+    let (fast, slow) = (done("fast-1") + done("fast-2"), done("slow"));
+    assert_eq!(fast + slow, 300);
+    // Two fast workers alone: 150 jobs each at 10 ms plus three round trips
+    // per job; allow half as much again.
+    let two_fast_alone = Duration::from_millis(150 * 13);
+    eprintln!("300 jobs in {elapsed:?}; slow worker took {slow}; fast alone ~{two_fast_alone:?}");
+    assert!(slow <= 15, "the slow worker completed {slow} of 300");
+    assert!(
+        elapsed < two_fast_alone * 3 / 2 + Duration::from_secs(1),
+        "took {elapsed:?}"
+    );
+    assert_eq!(stats["redelivered"], json!(0));
+}
+
+#[actix_rt::test]
+async fn a_worker_killed_mid_run_loses_no_job_and_none_completes_twice() {
+    let lease = DispatcherSettings {
+        job_lease: Duration::from_millis(600),
+        ..settings()
+    };
+    let mut bus = socket_bus(lease, None, None, common::TestAddresses::new());
+    let command = bus.addresses.command.clone();
+    let mut doomed = lease_worker(&command, "doomed", "0.03");
+    let mut survivor = lease_worker(&command, "survivor", "0.03");
+    for worker in [&mut doomed, &mut survivor] {
+        assert!(worker
+            .line(Duration::from_secs(10))
+            .await
+            .starts_with("ready"));
+    }
+    let producer = client(&command).await;
+    let mut ids = HashSet::new();
+    for n in 0..100 {
+        let reply = producer
+            .call(
+                "bus.enqueue",
+                json!({"job_type": "t", "payload": {"n": n}, "max_retries": 3}),
+            )
+            .await
+            .unwrap();
+        ids.insert(reply["job_id"].as_str().unwrap().to_string());
+    }
+
+    // Kill it mid-run: after it completed some, while it holds a job.
+    let mut before_kill = Vec::new();
+    while completed_ids(&before_kill).len() < 10 {
+        before_kill.push(doomed.line(Duration::from_secs(10)).await);
+    }
+    doomed.kill();
+    before_kill.extend(doomed.drain());
+
+    let events = bus
+        .inner
+        .events_until(Duration::from_secs(30), |seen| {
+            count(seen, "job.completed") + count_final_failures(seen) == 100
+        })
+        .await;
+    let mut completions: HashMap<String, usize> = HashMap::new();
+    for event in events.iter().filter(|e| e.event_type == "job.completed") {
+        *completions
+            .entry(event.data["job_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let buried: HashSet<String> = events
+        .iter()
+        .filter(|e| e.event_type == "job.failed" && e.data["will_retry"] == json!(false))
+        .map(|e| e.data["job_id"].as_str().unwrap().to_string())
+        .collect();
+    for id in &ids {
+        let times = completions.get(id).copied().unwrap_or(0);
+        assert!(
+            (times == 1) != buried.contains(id),
+            "job {id}: completed {times} time(s), dead-lettered: {}",
+            buried.contains(id)
+        );
+    }
+    assert_eq!(completions.len() + buried.len(), 100);
+    let stats = bus.inner.stats().await;
+    eprintln!(
+        "doomed completed {} before SIGKILL; redelivered {}; survivor completed {}",
+        completed_ids(&before_kill).len(),
+        stats["redelivered"],
+        stats["workers"]["survivor"]["completed"]
+    );
+    // Jobs the doomed worker completed were reported before it died, so the
+    // bus counted them for it; every other job went to the survivor.
+    let doomed_done = stats["workers"]["doomed"]["completed"].as_u64().unwrap();
+    assert_eq!(doomed_done as usize, completed_ids(&before_kill).len());
+    assert_eq!(stats["in_flight"], json!(0));
+}
+
+fn count_final_failures(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| e.event_type == "job.failed" && e.data["will_retry"] == json!(false))
+        .count()
+}
+
+#[actix_rt::test]
+async fn a_producer_that_enqueues_and_exits_at_once_loses_nothing() {
+    let bus = socket_bus(settings(), None, None, common::TestAddresses::new());
+    let command = bus.addresses.command.clone();
+    let mut ids = HashSet::new();
+    for _ in 0..3 {
+        let producer = client(&command).await;
+        let reply = producer
+            .call("bus.enqueue", json!({"job_type": "t"}))
+            .await
+            .unwrap();
+        ids.insert(reply["job_id"].as_str().unwrap().to_string());
+        drop(producer);
+    }
+    // The bus runs on this thread: wait for the producer on another one.
+    let address = command.clone();
+    let python = tokio::task::spawn_blocking(move || {
+        let args = ["--address", address.as_str(), "--count", "20"];
+        common::run_python("enqueue_and_exit.py", &args, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    for line in &python {
+        ids.insert(line["job_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 23);
+    assert_eq!(bus.inner.state.depth(), 23);
+    let workers = client(&command).await;
+    let mut leased = HashSet::new();
+    for _ in 0..23 {
+        let lease = workers
+            .call("bus.lease", json!({"worker": "w"}))
+            .await
+            .unwrap();
+        leased.insert(lease["job"]["job_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(leased, ids);
+}
+
+#[actix_rt::test]
+async fn a_rust_job_worker_over_ipc_runs_jobs_and_reports_them() {
+    let mut bus = socket_bus(settings(), None, None, common::TestAddresses::new());
+    let sleeper = Sleeper {
+        name: "rust",
+        delay: Duration::from_millis(2),
+        fail: false,
+        runs: bus.inner.runs.clone(),
+    }
+    .start();
+    let options = WorkerOptions {
+        worker_id: "rust-worker".into(),
+        concurrency: 3,
+        lease_wait: Duration::from_millis(500),
+        ..WorkerOptions::default()
+    };
+    let worker = JobWorker::connect(&bus.addresses.command, options, ClientOptions::default())
+        .await
+        .unwrap()
+        .handler("t", sleeper.recipient());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = actix::spawn(worker.run(async move {
+        let _ = stop_rx.await;
+    }));
+    for _ in 0..30 {
+        bus.inner.enqueue(JobMessage::new("t", json!({}))).await;
+    }
+    bus.inner
+        .events_until(Duration::from_secs(20), |seen| {
+            count(seen, "job.completed") == 30
+        })
+        .await;
+    stop_tx.send(()).unwrap();
+    let summary = running.await.unwrap();
+    assert_eq!(summary.completed, 30);
+    assert_eq!(summary.reports_lost + summary.reports_ignored, 0);
+}
+
+// ---- the PUSH edge: at most once, to plain PULL peers ----
+
+#[actix_rt::test]
+async fn jobs_wait_until_a_pull_peer_connects_then_go_to_it_at_most_once() {
+    let dir = common::TestAddresses::new();
+    let push = PushEdge::listen(
+        &dir.addresses.job_queue,
+        &EdgeOptions::default(),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let queue_url = dir.addresses.job_queue.clone();
+    let all = DispatcherSettings {
+        push_job_types: BTreeSet::from(["*".to_string()]),
+        ..settings()
+    };
+    let mut bus = socket_bus(all, None, Some(Arc::new(push)), dir);
+
+    let mut ids = HashSet::new();
+    for _ in 0..5 {
+        ids.insert(
+            bus.inner
+                .enqueue(JobMessage::new("python_job", json!({"k": 1})))
+                .await,
+        );
+    }
+    let stats = bus.inner.stats().await;
+    assert_eq!(stats["queue_depth"], json!(5), "no peer: nothing pushed");
+    assert_eq!(stats["push"]["peers"], json!(0));
+
+    let mut peer = Peer::start("pull_worker.py", &["--address", &queue_url, "--count", "5"]);
+    let mut received = HashSet::new();
+    while received.len() < 5 {
+        let line = peer.line(Duration::from_secs(10)).await;
+        if let Some(rest) = line.strip_prefix("job ") {
+            received.insert(rest.split(' ').next().unwrap().to_string());
+        } else {
+            assert_eq!(line, "ready");
+        }
+    }
+    assert_eq!(received, ids);
+    let events = bus
+        .inner
+        .events_until(Duration::from_secs(5), |seen| {
+            count(seen, "job.started") == 5
+        })
+        .await;
+    assert!(events
+        .iter()
+        .filter(|e| e.event_type == "job.started")
+        .all(|e| e.data["delivery"] == json!("at_most_once")));
+    let stats = bus.inner.stats().await;
+    assert_eq!(stats["handed_off_at_most_once"], json!(5));
+    assert_eq!(stats["queue_depth"], json!(0));
+}
+
+#[actix_rt::test]
+async fn the_push_edge_can_dial_a_pull_worker_that_listens() {
+    let dir = common::TestAddresses::new();
+    let queue_url = dir.addresses.job_queue.clone();
+    let mut peer = Peer::start(
+        "pull_worker.py",
+        &["--address", &queue_url, "--listen", "--count", "2"],
+    );
+    assert_eq!(peer.line(Duration::from_secs(10)).await, "ready");
+    let push = PushEdge::dial(&queue_url, &EdgeOptions::default(), Duration::from_secs(1)).unwrap();
+    let only = DispatcherSettings {
+        push_job_types: BTreeSet::from(["python_job".to_string()]),
+        ..settings()
+    };
+    let bus = socket_bus(only, None, Some(Arc::new(push)), dir);
+    for _ in 0..2 {
+        bus.inner
+            .enqueue(JobMessage::new("python_job", json!({})))
+            .await;
+    }
+    for _ in 0..2 {
+        assert!(peer.line(Duration::from_secs(10)).await.starts_with("job "));
+    }
+    let dispatcher = bus.inner.dispatcher.clone();
+    eventually(Duration::from_secs(5), || {
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.send(StatsQuery).await.unwrap()["handed_off_at_most_once"] == json!(2) }
+    })
+    .await;
+}
