@@ -1216,3 +1216,117 @@ async fn the_push_edge_can_dial_a_pull_worker_that_listens() {
     })
     .await;
 }
+
+// ---- dead letters across a SIGKILL of the process holding them ----
+
+const DLQ_SERVER_DIR: &str = "DGBIT_TEST_DLQ_SERVER_DIR";
+
+/// Not a test on its own: the child process of the test below. It serves a
+/// job queue with a dead letter file in the directory named by the
+/// environment until it is killed.
+#[actix_rt::test]
+#[ignore = "run as a child process by dead_letters_survive_a_sigkill_and_can_be_replayed"]
+async fn dead_letter_server_for_the_kill_test() {
+    let Ok(dir) = std::env::var(DLQ_SERVER_DIR) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let addresses = common::TestAddresses::new();
+    let fixed = common::TestAddresses {
+        addresses: Addresses::in_dir(&dir),
+        ..addresses
+    };
+    let _bus = socket_bus(
+        settings(),
+        Some(dir.join("dead_letters.sqlite")),
+        None,
+        fixed,
+    );
+    println!("dlq-server-ready");
+    std::future::pending::<()>().await;
+}
+
+fn dead_letter_server(dir: &std::path::Path) -> Child {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "dead_letter_server_for_the_kill_test",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(DLQ_SERVER_DIR, dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let ready = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l == "dlq-server-ready");
+    assert!(ready, "the dead letter server did not start");
+    child
+}
+
+#[actix_rt::test]
+async fn dead_letters_survive_a_sigkill_and_can_be_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = Addresses::in_dir(dir.path()).command;
+    let path = dir.path().to_path_buf();
+    let mut server = tokio::task::spawn_blocking(move || dead_letter_server(&path))
+        .await
+        .unwrap();
+    let bus = client(&command).await;
+    let job = bus
+        .call(
+            "bus.enqueue",
+            json!({"job_type": "t", "payload": {"keep": "me"}, "max_retries": 0}),
+        )
+        .await
+        .unwrap();
+    let job_id = job["job_id"].clone();
+    bus.call("bus.lease", json!({"worker": "w"})).await.unwrap();
+    let failed = json!({"worker": "w", "job_id": job_id, "state": "failed", "error": "boom"});
+    bus.call("bus.report", failed).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bus.call("bus.dlq.list", json!({})).await.unwrap()["total"] != json!(1) {
+        assert!(Instant::now() < deadline, "the job was not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(bus);
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let path = dir.path().to_path_buf();
+    let mut server = tokio::task::spawn_blocking(move || dead_letter_server(&path))
+        .await
+        .unwrap();
+
+    let bus = client(&command).await;
+    let list = bus.call("bus.dlq.list", json!({})).await.unwrap();
+    assert_eq!(list["total"], json!(1), "{list}");
+    assert_eq!(list["entries"][0]["job_id"], job_id);
+    let entry = bus
+        .call("bus.dlq.show", json!({"id": list["entries"][0]["id"]}))
+        .await
+        .unwrap();
+    assert_eq!(entry["original_job"]["payload"], json!({"keep": "me"}));
+    assert!(entry["error"].as_str().unwrap().contains("boom"));
+
+    let replay = bus
+        .call("bus.dlq.replay", json!({"all": true}))
+        .await
+        .unwrap();
+    assert_eq!(replay["replayed"].as_array().unwrap().len(), 1);
+    let lease = bus
+        .call("bus.lease", json!({"worker": "w2", "wait_ms": 1000}))
+        .await
+        .unwrap();
+    assert_eq!(lease["job"]["job_id"], job_id);
+    assert_eq!(lease["job"]["retry_count"], json!(0));
+    assert_eq!(
+        bus.call("bus.dlq.list", json!({})).await.unwrap()["total"],
+        json!(0)
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
