@@ -1560,7 +1560,7 @@ mod tests {
         };
 
         // A leasing worker asks for `fetch`, so only `python` may be pushed.
-        let _ = queue.lease(
+        let _waiting = queue.lease(
             LeaseRequest {
                 job_types: Some(vec!["fetch".into()]),
                 ..request("w")
