@@ -106,6 +106,13 @@
 //!   error codes `not_found` and `in_flight`.
 //! - `bus.jobs` `{}`: the stats (as [`StatsQuery`]).
 //!
+//! # Shutdown
+//!
+//! [`CloseIntake`] closes the queue: new jobs get `shutting_down`, nothing
+//! more is handed out (waiting lease requests get no job), and reports for
+//! jobs in flight are still taken, so the bus can wait for the in-flight
+//! count to reach zero within its drain deadline.
+//!
 //! # Restarts
 //!
 //! Everything that must outlive the actor (jobs, leases, waiting lease
@@ -284,6 +291,13 @@ pub struct RegisterWorker {
 pub struct Cancel {
     pub job_id: String,
 }
+
+/// Close the queue for shutdown (see [`JobQueue::close`]); the reply is the
+/// number of jobs still in flight, so the bus can poll it until the drain
+/// deadline. Closing twice is harmless.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "usize")]
+pub struct CloseIntake;
 
 /// A progress report from an in-process handler.
 #[derive(Debug, Message)]
@@ -596,6 +610,17 @@ impl Handler<Cancel> for QueueDispatcher {
 
     fn handle(&mut self, msg: Cancel, ctx: &mut Self::Context) -> Self::Result {
         self.apply(ctx, |queue, _| queue.cancel(&msg.job_id))
+    }
+}
+
+impl Handler<CloseIntake> for QueueDispatcher {
+    type Result = usize;
+
+    fn handle(&mut self, _: CloseIntake, ctx: &mut Self::Context) -> usize {
+        self.apply(ctx, |queue, _| {
+            queue.close();
+            queue.in_flight()
+        })
     }
 }
 

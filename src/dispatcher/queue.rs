@@ -309,6 +309,8 @@ pub struct JobQueue {
     next_local: u64,
     counters: Counters,
     backlog_raised: bool,
+    /// Closed for shutdown: no new jobs in, none handed out.
+    closed: bool,
     effects: Vec<Effect>,
 }
 
@@ -336,6 +338,7 @@ impl JobQueue {
             next_local: 0,
             counters: Counters::default(),
             backlog_raised: false,
+            closed: false,
             effects: Vec::new(),
         }
     }
@@ -373,8 +376,14 @@ impl JobQueue {
     /// # Errors
     ///
     /// `overloaded` when the queue holds `capacity` jobs; `bad_request` for
-    /// an empty job type or job id.
+    /// an empty job type or job id; `shutting_down` once [`JobQueue::close`]d.
     pub fn enqueue(&mut self, job: JobMessage) -> Result<String, HandlerError> {
+        if self.closed {
+            return Err(HandlerError::new(
+                code::SHUTTING_DOWN,
+                "the job queue is shutting down",
+            ));
+        }
         if job.job_type.is_empty() || job.job_id.is_empty() {
             return Err(HandlerError::bad_request(
                 "a job needs a job_id and a job_type",
@@ -457,7 +466,10 @@ impl JobQueue {
 
         // No older waiter matches a waiting job (see the module docs), so this
         // request may take the best match directly.
-        let found = self.best_ready(request.job_types.as_deref());
+        let found = match self.closed {
+            true => None,
+            false => self.best_ready(request.job_types.as_deref()),
+        };
         let waiter = Waiter::Remote {
             worker: request.worker,
             job_types: request.job_types,
@@ -469,7 +481,7 @@ impl JobQueue {
             Some(job_id) => {
                 self.grant(waiter, &job_id, now);
             }
-            None if request.wait.is_zero() => {
+            None if request.wait.is_zero() || self.closed => {
                 if let Waiter::Remote { reply, .. } = waiter {
                     let _ = reply.send(None);
                 }
@@ -637,6 +649,19 @@ impl JobQueue {
         self.insert_ready(job_id);
     }
 
+    /// Close the queue for shutdown: new jobs are refused with
+    /// `shutting_down`, nothing more is handed out, waiting lease requests are
+    /// answered with no job. Jobs in flight may still be reported, so they
+    /// can finish within the drain deadline.
+    pub fn close(&mut self) {
+        self.closed = true;
+        for waiter in self.waiters.drain(..) {
+            if let Waiter::Remote { reply, .. } = waiter {
+                let _ = reply.send(None);
+            }
+        }
+    }
+
     /// Count a dead letter the store refused, so the loss is visible.
     pub fn note_dead_letter_failure(&mut self) {
         self.counters.dead_letter_failures += 1;
@@ -646,6 +671,9 @@ impl JobQueue {
     /// the PUSH edge when `push_ready`; also raises and clears the backlog
     /// alert.
     pub fn pump(&mut self, now: Instant, push_ready: bool) {
+        if self.closed {
+            return;
+        }
         self.serve_waiters(now);
         if push_ready {
             if let Some(job_id) = self.best_pushable(now) {
@@ -701,6 +729,7 @@ impl JobQueue {
             "by_priority": by_priority,
             "lease_waiters": self.waiters.iter().filter(|w| matches!(w, Waiter::Remote { .. })).count(),
             "backlog_alert": self.backlog_raised,
+            "closed": self.closed,
             "enqueued": c.enqueued,
             "duplicates": c.duplicates,
             "rejected_overloaded": c.rejected_overloaded,
@@ -1612,6 +1641,34 @@ mod tests {
             .collect();
         assert_eq!(again[0].job_id, first);
         assert_eq!(again[0].retry_count, 0);
+    }
+
+    #[test]
+    fn a_closed_queue_refuses_jobs_and_hands_none_out_but_takes_reports() {
+        let mut queue = queue();
+        let now = Instant::now();
+        let running = queue.enqueue(job("t", Priority::Normal)).unwrap();
+        queue.enqueue(job("t", Priority::Normal)).unwrap();
+        lease_now(&mut queue, "w", now).unwrap();
+        let mut waiting = queue.lease(
+            LeaseRequest {
+                wait: LEASE,
+                ..request("idle")
+            },
+            now,
+        );
+        queue.close();
+        assert_eq!(
+            waiting.try_recv().unwrap(),
+            None,
+            "waiting leases are let go"
+        );
+        assert!(lease_now(&mut queue, "w", now).is_none());
+        let refused = queue.enqueue(job("t", Priority::Normal)).unwrap_err();
+        assert_eq!(refused.code, code::SHUTTING_DOWN);
+        let done = report("w", &running, ReportState::Completed(json!(1)));
+        assert_eq!(queue.report(done, now), ReportOutcome::Accepted);
+        assert_eq!(queue.in_flight(), 0);
     }
 
     #[test]
