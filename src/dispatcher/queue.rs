@@ -1648,7 +1648,6 @@ mod tests {
         let mut queue = queue();
         let now = Instant::now();
         let running = queue.enqueue(job("t", Priority::Normal)).unwrap();
-        queue.enqueue(job("t", Priority::Normal)).unwrap();
         lease_now(&mut queue, "w", now).unwrap();
         let mut waiting = queue.lease(
             LeaseRequest {
@@ -1657,6 +1656,8 @@ mod tests {
             },
             now,
         );
+        // Queued but not yet handed out when the queue closes.
+        queue.enqueue(job("t", Priority::Normal)).unwrap();
         queue.close();
         assert_eq!(
             waiting.try_recv().unwrap(),
@@ -1664,6 +1665,7 @@ mod tests {
             "waiting leases are let go"
         );
         assert!(lease_now(&mut queue, "w", now).is_none());
+        assert_eq!(queue.depth(), 1, "the waiting job stays");
         let refused = queue.enqueue(job("t", Priority::Normal)).unwrap_err();
         assert_eq!(refused.code, code::SHUTTING_DOWN);
         let done = report("w", &running, ReportState::Completed(json!(1)));
