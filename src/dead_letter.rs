@@ -64,6 +64,15 @@ use crate::dispatcher::Enqueue;
 use crate::message::{Command, HandlerError, StatsQuery};
 use crate::wire::{code, now_rfc3339, JobMessage};
 
+/// The command names the dead letter actor serves; the bus routes each of
+/// them to the actor's `Recipient<Command>`.
+pub const DEAD_LETTER_COMMANDS: [&str; 4] = [
+    "bus.dlq.list",
+    "bus.dlq.show",
+    "bus.dlq.replay",
+    "bus.dlq.purge",
+];
+
 /// The most entries one `bus.dlq.list` page returns.
 pub const MAX_LIST_PAGE: usize = 1000;
 

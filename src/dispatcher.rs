@@ -125,7 +125,9 @@
 //! # Limits
 //!
 //! The queue lives in memory: jobs waiting or in flight when the process
-//! exits are lost (dead letters are durable, the queue is not). Leases and
+//! exits are lost (dead letters are durable, the queue is not). An
+//! in-process handler that never answers keeps its slot, and its lease, for
+//! as long as it runs: there is no per-job time limit. Leases and
 //! retry delays are checked every [`TICK_INTERVAL`], so they end up to that
 //! much late.
 
@@ -149,6 +151,16 @@ use queue::{Effect, JobQueue, QueueConfig, Report, ReportState};
 
 /// How often leases, retry delays and lease waits are checked.
 pub const TICK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The command names the dispatcher serves; the bus routes each of them to
+/// the dispatcher's `Recipient<Command>`.
+pub const QUEUE_COMMANDS: [&str; 5] = [
+    "bus.enqueue",
+    "bus.lease",
+    "bus.report",
+    "bus.cancel",
+    "bus.jobs",
+];
 
 /// The longest a `bus.lease` request may wait for a job.
 pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(5);

@@ -780,20 +780,6 @@ use dgbit_bus::edge::rep::{InboundSink, RepEdge};
 use dgbit_bus::edge::EdgeOptions;
 use dgbit_bus::router::{CommandRouter, RouteTable, RouterSettings};
 
-const QUEUE_COMMANDS: [&str; 5] = [
-    "bus.enqueue",
-    "bus.lease",
-    "bus.report",
-    "bus.cancel",
-    "bus.jobs",
-];
-const DLQ_COMMANDS: [&str; 4] = [
-    "bus.dlq.list",
-    "bus.dlq.show",
-    "bus.dlq.replay",
-    "bus.dlq.purge",
-];
-
 /// The job queue behind a real command socket (and, when asked, a PUSH
 /// edge), in a fresh temp dir.
 struct SocketBus {
@@ -828,10 +814,10 @@ fn socket_bus(
     });
 
     let routes = RouteTable::default();
-    for name in QUEUE_COMMANDS {
+    for name in dgbit_bus::dispatcher::QUEUE_COMMANDS {
         routes.register(name, dispatcher.clone().recipient());
     }
-    for name in DLQ_COMMANDS {
+    for name in dgbit_bus::dead_letter::DEAD_LETTER_COMMANDS {
         routes.register(name, dead_letters.clone().recipient());
     }
     let router = CommandRouter::new(RouterSettings::default(), routes).start();
