@@ -5,14 +5,18 @@
 //! bus's identity, uptime and the counters of every role, each asked with a
 //! [`StatsQuery`]; a role that does not answer within a second shows as
 //! `{"error": "no answer"}` rather than holding up the reply.
+//!
+//! Given an event sink, the same report is published as `system.health`
+//! every health interval.
 
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde_json::{json, Map, Value};
 
-use crate::message::{Command, HandlerError, StatsQuery};
-use crate::wire::now_rfc3339;
+use crate::message::{Command, EventSink, HandlerError, StatsQuery};
+use crate::topics::SYSTEM_HEALTH;
+use crate::wire::{now_rfc3339, Event};
 
 /// How long `status` waits for one role's counters.
 const STATS_ANSWER_LIMIT: Duration = Duration::from_secs(1);
@@ -22,6 +26,7 @@ pub struct BuiltinCommands {
     service_name: String,
     started: Instant,
     roles: Vec<(String, Recipient<StatsQuery>)>,
+    health: Option<(EventSink, Duration)>,
 }
 
 impl BuiltinCommands {
@@ -30,6 +35,7 @@ impl BuiltinCommands {
             service_name: service_name.into(),
             started: Instant::now(),
             roles: Vec::new(),
+            health: None,
         }
     }
 
@@ -38,10 +44,42 @@ impl BuiltinCommands {
         self.roles.push((role.into(), stats));
         self
     }
+
+    /// Publish the `status` report as `system.health` every `interval`.
+    pub fn with_health_events(mut self, events: EventSink, interval: Duration) -> Self {
+        self.health = Some((events, interval));
+        self
+    }
+
+    fn report_head(&self) -> Value {
+        json!({
+            "service": self.service_name,
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+
+    fn publish_health(&self) {
+        let Some((events, _)) = &self.health else {
+            return;
+        };
+        let (events, source) = (events.clone(), self.service_name.clone());
+        let report = status_reply(self.report_head(), self.roles.clone());
+        actix::spawn(async move {
+            events.publish(Event::new(SYSTEM_HEALTH, source, report.await));
+        });
+    }
 }
 
 impl Actor for BuiltinCommands {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some((_, interval)) = &self.health {
+            ctx.run_interval(*interval, |builtins, _| builtins.publish_health());
+        }
+    }
 }
 
 impl Handler<Command> for BuiltinCommands {
@@ -58,12 +96,7 @@ impl Handler<Command> for BuiltinCommands {
                 Box::pin(async move { Ok(reply) })
             }
             "status" => {
-                let head = json!({
-                    "service": self.service_name,
-                    "pid": std::process::id(),
-                    "uptime_s": self.started.elapsed().as_secs_f64(),
-                    "version": env!("CARGO_PKG_VERSION"),
-                });
+                let head = self.report_head();
                 let roles = self.roles.clone();
                 Box::pin(async move { Ok(status_reply(head, roles).await) })
             }

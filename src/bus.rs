@@ -37,12 +37,17 @@ use crate::backoff::BackoffPolicy;
 use crate::builtin::BuiltinCommands;
 use crate::config::BusConfig;
 use crate::edge::listener::{Edge, EdgeActor, EdgeOpener, EdgeSlot};
+use crate::edge::publish::PubEdge;
 use crate::edge::rep::{InboundSink, RepEdge};
 use crate::edge::EdgeOptions;
-use crate::message::{Command, EventSink, StatsQuery};
+use crate::message::{Command, EventDelivery, EventSink, Publish, StatsQuery};
+use crate::publisher::{
+    PublisherSettings, SubscriberRegistry, SubscriptionId, TopicPublisher, PUBLISH_COMMAND,
+};
 use crate::router::{CommandRouter, Dispatch, RouteTable, RouterSettings, StopIntake};
 use crate::supervisor::{supervise, GiveUp, RoleSendError, SupervisedRole, SupervisorOptions};
-use crate::wire::{code, CommandReply, CommandRequest, Echo};
+use crate::topics::{PatternError, SERVICE_STARTED, SERVICE_STOPPED};
+use crate::wire::{code, CommandReply, CommandRequest, Echo, Event};
 
 /// Collects handlers, then starts the bus.
 pub struct BusBuilder {
@@ -117,13 +122,25 @@ impl BusBuilder {
             health: Vec::new(),
         };
         let config = self.config;
-        let events = EventSink::discard();
+        let options = edge_options(&config);
+
+        // The publisher comes first: every other role reports through it.
+        let registry = SubscriberRegistry::new();
+        let (publisher, events, event_slot) = roles.publisher(&config, &options, &registry);
+        let publish_resolver = {
+            let publisher = publisher.clone();
+            move || publisher.addr().map(Addr::recipient)
+        };
+        self.command_routes
+            .register_resolver(PUBLISH_COMMAND, Arc::new(publish_resolver));
 
         let command_router = roles.router(&config, "command", &self.command_routes, &events);
         let data_router = roles.router(&config, "data", &self.data_routes, &events);
         let builtins = BuiltinCommands::new(config.service_name.clone())
             .with_role("command", stats_of(&command_router))
             .with_role("data", stats_of(&data_router))
+            .with_role("publisher", stats_of(&publisher))
+            .with_health_events(events.clone(), config.health_interval)
             .start();
         for routes in [&self.command_routes, &self.data_routes] {
             for name in ["ping", "echo", "status"] {
@@ -131,7 +148,6 @@ impl BusBuilder {
             }
         }
 
-        let options = edge_options(&config);
         let mut rep_slots = Vec::new();
         for (enabled, role, url, router) in [
             (
@@ -152,6 +168,11 @@ impl BusBuilder {
                 rep_slots.push(roles.edge(role, opener, &events));
             }
         }
+        events.publish(Event::new(
+            SERVICE_STARTED,
+            config.service_name.clone(),
+            json!({"pid": std::process::id(), "addresses": addresses_json(&config)}),
+        ));
 
         BusHandle {
             config,
@@ -160,6 +181,10 @@ impl BusBuilder {
             command_router,
             data_router,
             rep_slots,
+            event_slot,
+            publisher,
+            registry,
+            events,
             roles: Arc::new(roles.health),
             fatal,
         }
@@ -204,6 +229,38 @@ impl RoleSet {
         supervised
     }
 
+    /// Start the publisher and its PUB edge; return it with a sink that
+    /// reaches whichever publisher instance is live.
+    fn publisher(
+        &mut self,
+        config: &BusConfig,
+        options: &EdgeOptions,
+        registry: &SubscriberRegistry,
+    ) -> (
+        SupervisedRole<TopicPublisher>,
+        EventSink,
+        Option<EdgeSlot<PubEdge>>,
+    ) {
+        let slot = EdgeSlot::default();
+        let (settings, registry, for_actor) = (
+            PublisherSettings::from_config(config),
+            registry.clone(),
+            slot.clone(),
+        );
+        let factory = move || {
+            TopicPublisher::with_edge_slot(settings.clone(), registry.clone(), for_actor.clone())
+        };
+        let publisher = self.supervise("publisher", factory, &EventSink::discard());
+        let events = publisher_sink(publisher.clone());
+        if !config.edges.event {
+            return (publisher, events, None);
+        }
+        let (url, edge_options) = (config.addresses.event.clone(), options.clone());
+        let opener: EdgeOpener<PubEdge> = Arc::new(move || PubEdge::listen(&url, &edge_options));
+        let event_slot = self.edge_into("event-edge", opener, slot, &events);
+        (publisher, events, Some(event_slot))
+    }
+
     fn router(
         &mut self,
         config: &BusConfig,
@@ -237,19 +294,57 @@ impl RoleSet {
     where
         EdgeActor<E>: Actor<Context = Context<EdgeActor<E>>>,
     {
-        let slot = EdgeSlot::default();
+        self.edge_into(role, opener, EdgeSlot::default(), events)
+    }
+
+    fn edge_into<E: Edge + Unpin>(
+        &mut self,
+        role: &'static str,
+        opener: EdgeOpener<E>,
+        slot: EdgeSlot<E>,
+        events: &EventSink,
+    ) -> EdgeSlot<E>
+    where
+        EdgeActor<E>: Actor<Context = Context<EdgeActor<E>>>,
+    {
         let for_actor = slot.clone();
-        self.supervise(
-            role,
-            move || EdgeActor::new(role, opener.clone(), for_actor.clone()),
-            events,
-        );
+        let factory = move || EdgeActor::new(role, opener.clone(), for_actor.clone());
+        self.supervise(role, factory, events);
         slot
     }
 }
 
+/// A sink that hands events to the live publisher; events offered while it
+/// restarts are counted and logged, never dropped silently.
+fn publisher_sink(publisher: SupervisedRole<TopicPublisher>) -> EventSink {
+    let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    EventSink::from_fn(move |publish: Publish| {
+        if let Err(refused) = publisher.do_send(publish) {
+            let lost = lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            warn!(
+                lost,
+                closed = refused.is_closed(),
+                "event lost: publisher not running"
+            );
+        }
+    })
+}
+
+fn addresses_json(config: &BusConfig) -> Value {
+    let addresses = &config.addresses;
+    json!({
+        "command": addresses.command,
+        "event": addresses.event,
+        "job_queue": addresses.job_queue,
+        "data": addresses.data,
+    })
+}
+
 /// A recipient of [`StatsQuery`] for `role`'s current instance.
-fn stats_of(role: &SupervisedRole<CommandRouter>) -> Recipient<StatsQuery> {
+fn stats_of<A>(role: &SupervisedRole<A>) -> Recipient<StatsQuery>
+where
+    A: Actor<Context = Context<A>> + Handler<StatsQuery>,
+{
     StatsForwarder { role: role.clone() }.start().recipient()
 }
 
@@ -327,6 +422,10 @@ pub struct BusHandle {
     command_router: SupervisedRole<CommandRouter>,
     data_router: SupervisedRole<CommandRouter>,
     rep_slots: Vec<EdgeSlot<RepEdge>>,
+    event_slot: Option<EdgeSlot<PubEdge>>,
+    publisher: SupervisedRole<TopicPublisher>,
+    registry: SubscriberRegistry,
+    events: EventSink,
     roles: Arc<Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>>,
     fatal: watch::Receiver<Option<String>>,
 }
@@ -354,6 +453,37 @@ impl BusHandle {
     /// Whether every configured edge is open.
     pub fn edges_open(&self) -> bool {
         self.rep_slots.iter().all(EdgeSlot::is_open)
+            && self.event_slot.as_ref().map_or(true, EdgeSlot::is_open)
+    }
+
+    /// Where to publish events into this bus.
+    pub fn events(&self) -> EventSink {
+        self.events.clone()
+    }
+
+    /// Publish `event` to every matching subscriber, local and remote.
+    pub fn publish(&self, event: Event) {
+        self.events.publish(event);
+    }
+
+    /// Deliver events whose topic matches `pattern` to `subscriber`, through
+    /// a buffer of [`BusConfig::subscriber_buffer`] events.
+    ///
+    /// # Errors
+    ///
+    /// [`PatternError`] when `pattern` is not a valid pattern.
+    pub fn subscribe(
+        &self,
+        pattern: &str,
+        subscriber: Recipient<EventDelivery>,
+    ) -> Result<SubscriptionId, PatternError> {
+        self.registry
+            .subscribe(pattern, subscriber, self.config.subscriber_buffer)
+    }
+
+    /// The publisher's supervised handle.
+    pub fn publisher(&self) -> &SupervisedRole<TopicPublisher> {
+        &self.publisher
     }
 
     /// Wait until every configured edge is open, up to `limit`; edges open
@@ -420,6 +550,18 @@ impl BusHandle {
         for slot in &self.rep_slots {
             slot.close();
         }
+        self.announce_stop().await;
+        if let Some(slot) = &self.event_slot {
+            slot.close();
+        }
+    }
+
+    /// Publish `service.stopped` and wait until the publisher has handled
+    /// it, so it leaves the PUB socket before the socket closes.
+    async fn announce_stop(&self) {
+        let data = json!({"pid": std::process::id()});
+        let event = Event::new(SERVICE_STOPPED, self.config.service_name.clone(), data);
+        let _ = self.publisher.send(Publish { event }).await;
     }
 }
 

@@ -1,8 +1,10 @@
 //! The `dgbit-bus` binary: run a bus, or talk to a running one.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use dgbit_bus::cli::events::{run_publish, run_tail, PublishArgs, TailArgs};
 use dgbit_bus::cli::send::{run_send, SendArgs};
 use dgbit_bus::cli::serve::{run_serve, ServeArgs};
 use dgbit_bus::cli::AddressArgs;
@@ -29,6 +31,10 @@ enum Commands {
     Serve(ServeArgs),
     /// Send one command to a running bus and print the reply.
     Send(SendArgs),
+    /// Publish one event into a running bus (through its command bus).
+    Publish(PublishArgs),
+    /// Print events matching PATTERN as they arrive, one JSON per line.
+    Tail(TailArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,11 +43,14 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let outcome = match &cli.command {
         Commands::Serve(args) => run_serve(args, &cli.addresses),
         Commands::Send(args) => run_send(args, &cli.addresses),
+        Commands::Publish(args) => run_publish(args, &cli.addresses),
+        Commands::Tail(args) => run_tail(args, &cli.addresses),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -65,6 +65,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::edge::listener::EdgeSlot;
 use crate::edge::publish::PubEdge;
 use crate::message::{Command, EventDelivery, HandlerError, Publish, StatsQuery};
 use crate::topics::{is_topic, Pattern, PatternError};
@@ -446,7 +447,7 @@ async fn forward(
 pub struct TopicPublisher {
     settings: PublisherSettings,
     registry: SubscriberRegistry,
-    edge: Option<Arc<PubEdge>>,
+    edge: EdgeSlot<PubEdge>,
 }
 
 impl TopicPublisher {
@@ -458,6 +459,18 @@ impl TopicPublisher {
         settings: PublisherSettings,
         registry: SubscriberRegistry,
         edge: Option<Arc<PubEdge>>,
+    ) -> Self {
+        let edge = edge.map(EdgeSlot::holding).unwrap_or_default();
+        Self::with_edge_slot(settings, registry, edge)
+    }
+
+    /// A publisher sending to whatever edge `slot` holds at the time of each
+    /// event: the bus's edge actor fills it once the PUB socket listens, and
+    /// empties it while the socket is being reopened.
+    pub fn with_edge_slot(
+        settings: PublisherSettings,
+        registry: SubscriberRegistry,
+        edge: EdgeSlot<PubEdge>,
     ) -> Self {
         Self {
             settings,
@@ -473,8 +486,8 @@ impl TopicPublisher {
             .totals
             .published
             .fetch_add(1, Ordering::Relaxed);
-        if let Some(edge) = &self.edge {
-            self.send_to_edge(edge, &event);
+        if let Some(edge) = self.edge.get() {
+            self.send_to_edge(&edge, &event);
         }
         self.registry.deliver(&event);
     }
@@ -510,7 +523,7 @@ impl Actor for TopicPublisher {
         debug!(
             service = %self.settings.service_name,
             subscribers = self.registry.subscriber_count(),
-            edge = self.edge.is_some(),
+            edge = self.edge.is_open(),
             "topic publisher started"
         );
     }

@@ -9,7 +9,6 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 /// Machine codes carried in the `code` field of an error reply.
@@ -512,16 +511,21 @@ impl JobMessage {
     }
 }
 
-/// The current time as RFC 3339 UTC with microseconds, e.g.
-/// `2024-05-01T12:00:00.123456Z`; Python's `datetime.fromisoformat` reads it.
+/// The current time as RFC 3339 UTC with exactly six fractional digits and
+/// a `+00:00` offset, e.g. `2024-05-01T12:00:00.123456+00:00`: the form
+/// Python's `datetime.fromisoformat` reads on every version since 3.7.
 pub fn now_rfc3339() -> String {
     let now = OffsetDateTime::now_utc();
-    let micros = now
-        .replace_nanosecond(now.microsecond() * 1000)
-        .unwrap_or(now);
-    micros
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}+00:00",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.microsecond()
+    )
 }
 
 #[cfg(test)]
@@ -647,7 +651,14 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         let stamp = now_rfc3339();
-        assert!(stamp.ends_with('Z'), "{stamp}");
-        assert!(OffsetDateTime::parse(&stamp, &Rfc3339).is_ok());
+        assert!(stamp.ends_with("+00:00"), "{stamp}");
+        assert_eq!(
+            stamp.len(),
+            "2024-05-01T12:00:00.123456+00:00".len(),
+            "{stamp}"
+        );
+        assert!(
+            OffsetDateTime::parse(&stamp, &time::format_description::well_known::Rfc3339).is_ok()
+        );
     }
 }

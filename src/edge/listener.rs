@@ -65,6 +65,14 @@ impl<E> Default for EdgeSlot<E> {
 }
 
 impl<E: Edge> EdgeSlot<E> {
+    /// A slot already holding `edge`, for a role given an edge opened by
+    /// hand rather than by an [`EdgeActor`].
+    pub fn holding(edge: Arc<E>) -> Self {
+        Self {
+            current: Arc::new(RwLock::new(Some(edge))),
+        }
+    }
+
     /// The open edge, or `None` while it is not (yet, or any more) open.
     pub fn get(&self) -> Option<Arc<E>> {
         self.current
