@@ -82,12 +82,19 @@ const AGE_EVICTION_INTERVAL: Duration = Duration::from_secs(60);
 /// One dead letter. See the module docs for the wire form.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// A UUID naming the entry.
     pub id: String,
+    /// The job (dgbit's 7 keys), other JSON that arrived, or null.
     pub original_job: Value,
+    /// Why the entry is here.
     pub error: String,
+    /// When it was buried, RFC 3339 UTC.
     pub timestamp: String,
+    /// Who buried it: `job_queue` or a socket name.
     #[serde(default)]
     pub source: String,
+    /// One object per attempt: `attempt`, `worker`, `started_at`, `ended_at`,
+    /// `outcome`, `error`.
     #[serde(default)]
     pub attempts: Vec<Value>,
     /// The bytes of a message that could not be parsed, exactly as received.
@@ -223,7 +230,9 @@ pub enum DeadLetterError {
     /// The database file could not be opened or set up.
     #[error("cannot open the dead letter store {path}: {source}")]
     Open {
+        /// The file, or `:memory:`.
         path: String,
+        /// SQLite's reason.
         source: rusqlite::Error,
     },
     /// A read or write failed.
@@ -240,13 +249,21 @@ pub enum DeadLetterError {
 /// A summary row of `bus.dlq.list`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeadLetterSummary {
+    /// The entry's id.
     pub id: String,
+    /// When it was buried.
     pub timestamp: String,
+    /// Who buried it.
     pub source: String,
+    /// The job's id, when the entry holds a job.
     pub job_id: Option<String>,
+    /// The job's type, when the entry holds a job.
     pub job_type: Option<String>,
+    /// Why it is here.
     pub error: String,
+    /// How many attempts its history records.
     pub attempts: usize,
+    /// Whether it keeps raw bytes.
     pub has_raw: bool,
 }
 
@@ -512,6 +529,7 @@ fn unix_ms(at: SystemTime) -> i64 {
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<(), DeadLetterError>")]
 pub struct Bury {
+    /// The entry to store.
     pub entry: DeadLetter,
 }
 
@@ -519,6 +537,7 @@ pub struct Bury {
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct SetReplayTarget {
+    /// Where replayed jobs go.
     pub target: Recipient<Enqueue>,
 }
 

@@ -239,6 +239,7 @@ pub struct QueueState {
 }
 
 impl QueueState {
+    /// A fresh, empty queue with default limits (the dispatcher sets its own).
     pub fn new() -> Self {
         Self::default()
     }
@@ -279,6 +280,7 @@ impl std::fmt::Debug for QueueState {
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<String, HandlerError>")]
 pub struct Enqueue {
+    /// The job, with its id already set.
     pub job: JobMessage,
 }
 
@@ -287,8 +289,11 @@ pub struct Enqueue {
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "String")]
 pub struct RegisterWorker {
+    /// The job type the worker runs.
     pub job_type: String,
+    /// The worker actor.
     pub worker: Recipient<RunJob>,
+    /// Jobs it may run at once.
     pub concurrency: usize,
 }
 
@@ -301,6 +306,7 @@ pub struct RegisterWorker {
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<(), HandlerError>")]
 pub struct Cancel {
+    /// The job to cancel.
     pub job_id: String,
 }
 

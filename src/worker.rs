@@ -78,7 +78,12 @@ pub enum WorkerError {
     Client(#[from] ClientError),
     /// The bus answered with an error.
     #[error("{code}: {message}")]
-    Remote { code: String, message: String },
+    Remote {
+        /// The reply's machine code.
+        code: String,
+        /// The reply's text.
+        message: String,
+    },
     /// The in-process command target is gone.
     #[error("the command target is gone: {0}")]
     Gone(String),
@@ -163,8 +168,11 @@ impl CommandChannel {
 /// What a worker did, returned by [`JobWorker::run`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct WorkerSummary {
+    /// Jobs leased.
     pub leased: u64,
+    /// Jobs completed (and accepted by the bus).
     pub completed: u64,
+    /// Jobs failed (and accepted by the bus).
     pub failed: u64,
     /// Reports the bus answered with `accepted: false`.
     pub reports_ignored: u64,
@@ -258,6 +266,7 @@ impl JobWorker {
         self
     }
 
+    /// This worker's name on the bus.
     pub fn worker_id(&self) -> &str {
         &self.options.worker_id
     }

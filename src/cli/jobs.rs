@@ -38,6 +38,7 @@ pub struct EnqueueArgs {
     /// Retries after the first attempt before the job is dead-lettered.
     #[arg(long)]
     pub max_retries: Option<u32>,
+    /// How to talk to the bus.
     #[command(flatten)]
     pub request: RequestArgs,
 }
@@ -47,6 +48,7 @@ pub struct EnqueueArgs {
 pub struct CancelArgs {
     /// The id of a job that is still waiting.
     pub job_id: String,
+    /// How to talk to the bus.
     #[command(flatten)]
     pub request: RequestArgs,
 }
@@ -72,6 +74,7 @@ pub struct WorkArgs {
 /// Options of `dgbit-bus jobs`.
 #[derive(Debug, Clone, Args)]
 pub struct JobsArgs {
+    /// How to talk to the bus.
     #[command(flatten)]
     pub request: RequestArgs,
 }
@@ -79,8 +82,10 @@ pub struct JobsArgs {
 /// Options of `dgbit-bus dlq`.
 #[derive(Debug, Clone, Args)]
 pub struct DlqArgs {
+    /// What to do.
     #[command(subcommand)]
     pub action: DlqAction,
+    /// How to talk to the bus.
     #[command(flatten)]
     pub request: RequestArgs,
 }
@@ -90,13 +95,18 @@ pub struct DlqArgs {
 pub enum DlqAction {
     /// List entries, oldest first.
     List {
+        /// Entries to skip.
         #[arg(long, default_value_t = 0)]
         offset: usize,
+        /// Entries to list (at most 1000).
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
     /// Print one entry whole.
-    Show { id: String },
+    Show {
+        /// The entry's id.
+        id: String,
+    },
     /// Put entries' jobs back in the queue with a fresh attempt count.
     Replay {
         /// The entry to replay.

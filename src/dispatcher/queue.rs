@@ -56,12 +56,19 @@ const IDLE_WORKER_FORGOTTEN_AFTER: Duration = Duration::from_secs(600);
 /// meaning of each.
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
+    /// Jobs held at once.
     pub capacity: usize,
+    /// How long a lease lasts without a report.
     pub lease: Duration,
+    /// Depth that raises the backlog alert; 0 for none.
     pub backlog_alert: usize,
+    /// Delay before the first retry.
     pub retry_backoff_base: Duration,
+    /// Longest delay between retries.
     pub retry_backoff_max: Duration,
+    /// Job types pushed to PULL peers; `*` for unclaimed ones.
     pub push_job_types: BTreeSet<String>,
+    /// How long a job type counts as wanted after a worker asked for it.
     pub push_grace: Duration,
 }
 
@@ -103,16 +110,22 @@ impl QueueConfig {
 pub enum Effect {
     /// Publish an event with this type and data.
     Publish {
+        /// The event's type.
         event_type: &'static str,
+        /// The event's data.
         data: Value,
     },
     /// Store this entry in the dead letter queue.
     Bury(DeadLetter),
     /// Send `job` to the in-process worker `worker`.
     RunLocal {
+        /// The in-process worker's id.
         worker: String,
+        /// Its actor.
         target: Recipient<RunJob>,
+        /// The job to run.
         job: JobMessage,
+        /// The lease it runs under.
         lease_id: u64,
     },
     /// Push `job` through the PUSH edge; report back with
@@ -123,14 +136,18 @@ pub enum Effect {
 /// A job granted to a remote worker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grant {
+    /// The job, as dgbit's 7-key object.
     pub job: JobMessage,
+    /// Names this lease of the job.
     pub lease_id: u64,
+    /// How long the lease lasts without a report.
     pub lease_ms: u64,
 }
 
 /// A remote worker's request for one job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeaseRequest {
+    /// The worker's name.
     pub worker: String,
     /// The job types the worker can run; `None` for any.
     pub job_types: Option<Vec<String>>,
@@ -141,30 +158,40 @@ pub struct LeaseRequest {
 /// What a worker says about a job it holds.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReportState {
+    /// The handler started.
     Started,
+    /// Still alive, no news.
     Heartbeat,
+    /// Progress data, published as `job.progress`.
     Progress(Value),
+    /// Done, with its result.
     Completed(Value),
+    /// Failed, with the reason.
     Failed(String),
 }
 
 /// A worker's report on a leased job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
+    /// The reporting worker.
     pub worker: String,
+    /// The job reported on.
     pub job_id: String,
     /// When given, the report only counts for this lease of the job.
     pub lease_id: Option<u64>,
+    /// What the worker says.
     pub state: ReportState,
 }
 
 /// Whether a report was taken into account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportOutcome {
+    /// The report counted.
     Accepted,
     /// The job is not leased to this worker (any more): the report changed
     /// nothing and was counted.
     Ignored {
+        /// Why it did not count.
         reason: &'static str,
     },
 }
@@ -321,6 +348,7 @@ impl Default for JobQueue {
 }
 
 impl JobQueue {
+    /// An empty queue with `config`.
     pub fn new(config: QueueConfig) -> Self {
         Self {
             config,
@@ -343,6 +371,7 @@ impl JobQueue {
         }
     }
 
+    /// The current limits.
     pub fn config(&self) -> &QueueConfig {
         &self.config
     }

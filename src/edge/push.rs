@@ -55,20 +55,32 @@ pub struct PushNotice;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushOutcome {
     /// NNG took the job for a connected PULL peer.
-    HandedOff { job_id: String },
+    HandedOff {
+        /// The job pushed.
+        job_id: String,
+    },
     /// The job was not sent (timeout, peer gone, socket closed).
-    Returned { job_id: String, error: String },
+    Returned {
+        /// The job not sent.
+        job_id: String,
+        /// NNG's reason.
+        error: String,
+    },
 }
 
 /// Why [`PushEdge::push`] did not start a send.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
+    /// No PULL peer is connected.
     #[error("no PULL peer is connected")]
     NoPeer,
+    /// Another push is in progress.
     #[error("a push is already in progress")]
     Busy,
+    /// The socket is closed.
     #[error("the push edge is closed")]
     Closed,
+    /// NNG refused the send, with its reason.
     #[error("push failed: {0}")]
     Send(String),
 }
