@@ -555,6 +555,13 @@ type SharedStore = Arc<Mutex<DeadLetterStore>>;
 
 /// The dead letter queue's actor; see the module docs.
 ///
+/// # Restarts
+///
+/// The store, the counters and the replay target are shared by every
+/// instance made with [`DeadLetterActor::instance`], so a supervisor's
+/// factory builds a new instance without reopening the file:
+/// `move || first.instance()`.
+///
 /// # Cancellation
 ///
 /// Each write runs to completion on the blocking pool even when the caller
@@ -562,7 +569,7 @@ type SharedStore = Arc<Mutex<DeadLetterStore>>;
 pub struct DeadLetterActor {
     store: SharedStore,
     counters: Arc<Counters>,
-    replay_target: Option<Recipient<Enqueue>>,
+    replay_target: Arc<Mutex<Option<Recipient<Enqueue>>>>,
 }
 
 impl DeadLetterActor {
@@ -578,8 +585,17 @@ impl DeadLetterActor {
         Ok(Self {
             store: Arc::new(Mutex::new(store)),
             counters: Arc::new(counters),
-            replay_target: None,
+            replay_target: Arc::default(),
         })
+    }
+
+    /// Another instance over the same store, counters and replay target.
+    pub fn instance(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            counters: self.counters.clone(),
+            replay_target: self.replay_target.clone(),
+        }
     }
 
     fn stats(&self) -> Value {
@@ -634,6 +650,8 @@ impl Actor for DeadLetterActor {
     }
 }
 
+crate::impl_inject_fault!(DeadLetterActor);
+
 impl Handler<Bury> for DeadLetterActor {
     type Result = ResponseFuture<Result<(), DeadLetterError>>;
 
@@ -666,7 +684,10 @@ impl Handler<SetReplayTarget> for DeadLetterActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetReplayTarget, _: &mut Self::Context) {
-        self.replay_target = Some(msg.target);
+        *self
+            .replay_target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(msg.target);
     }
 }
 
@@ -688,7 +709,12 @@ impl Handler<Command> for DeadLetterActor {
             "bus.dlq.list" => Box::pin(list(store, payload)),
             "bus.dlq.show" => Box::pin(show(store, payload)),
             "bus.dlq.replay" => {
-                Box::pin(replay(store, counters, self.replay_target.clone(), payload))
+                let target = self
+                    .replay_target
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                Box::pin(replay(store, counters, target, payload))
             }
             "bus.dlq.purge" => Box::pin(purge(store, counters, payload)),
             other => {
@@ -1050,6 +1076,36 @@ mod tests {
             .unwrap_err();
         assert_eq!(gone.code, code::NOT_FOUND);
         assert_eq!(actor.send(StatsQuery).await.unwrap()["replayed"], json!(1));
+    }
+
+    #[actix_rt::test]
+    async fn a_new_instance_shares_the_store_and_the_replay_target() {
+        let first = DeadLetterActor::open(None, DeadLetterLimits::default()).unwrap();
+        let factory = move || first.instance();
+        let one = factory().start();
+        one.send(Bury { entry: letter("t") })
+            .await
+            .unwrap()
+            .unwrap();
+        let queue = FakeQueue {
+            accept: true,
+            accepted: vec![],
+        }
+        .start();
+        one.send(SetReplayTarget {
+            target: queue.clone().recipient(),
+        })
+        .await
+        .unwrap();
+        drop(one);
+
+        let two = factory().start();
+        assert_eq!(two.send(StatsQuery).await.unwrap()["entries"], json!(1));
+        let reply = command(&two, "bus.dlq.replay", json!({"all": true}))
+            .await
+            .unwrap();
+        assert_eq!(reply["replayed"].as_array().unwrap().len(), 1);
+        assert_eq!(queue.send(Accepted).await.unwrap().len(), 1);
     }
 
     #[actix_rt::test]

@@ -115,6 +115,10 @@
 //!
 //! # Restarts
 //!
+//! A supervisor's factory builds each instance from clones:
+//! `move || QueueDispatcher::new(settings.clone(), state.clone(),
+//! events.clone(), dead_letters.clone(), push.clone())`.
+//!
 //! Everything that must outlive the actor (jobs, leases, waiting lease
 //! requests, in-process workers, counters) lives in [`QueueState`], which
 //! the bus creates once and hands to each new `QueueDispatcher`. The actor
@@ -594,6 +598,8 @@ impl Actor for QueueDispatcher {
         }
     }
 }
+
+crate::impl_inject_fault!(QueueDispatcher);
 
 impl Handler<Enqueue> for QueueDispatcher {
     type Result = Result<String, HandlerError>;

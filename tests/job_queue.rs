@@ -1332,3 +1332,88 @@ async fn dead_letters_survive_a_sigkill_and_can_be_replayed() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+// ---- under the bus's supervisor ----
+
+#[actix_rt::test]
+async fn a_supervised_dispatcher_that_panics_comes_back_with_its_queue_and_leases() {
+    use dgbit_bus::backoff::BackoffPolicy;
+    use dgbit_bus::supervisor::{supervise, FaultKind, InjectFault, SupervisorOptions};
+
+    let (sender, mut events) = mpsc::unbounded_channel();
+    let recorder = Recorder(sender).start();
+    let dead_letters = DeadLetterActor::open(None, DeadLetterLimits::default()).unwrap();
+    let dead_letters = dead_letters.start().recipient();
+    let state = QueueState::new();
+    let (events_sink, shared) = (EventSink::to(recorder.recipient()), state.clone());
+    let factory = move || {
+        QueueDispatcher::new(
+            settings(),
+            shared.clone(),
+            events_sink.clone(),
+            dead_letters.clone(),
+            None,
+        )
+    };
+    let policy = BackoffPolicy {
+        base: Duration::from_millis(10),
+        jitter: 0.0,
+        ..BackoffPolicy::default()
+    };
+    let role = supervise("job_queue", policy, factory, SupervisorOptions::new());
+
+    for _ in 0..3 {
+        role.send(Enqueue {
+            job: JobMessage::new("t", json!({})),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    let lease = role
+        .send(Command::new("bus.lease", json!({"worker": "w"})))
+        .await
+        .unwrap()
+        .unwrap();
+    let held = lease["job"]["job_id"].as_str().unwrap().to_string();
+
+    let _ = role
+        .send(InjectFault {
+            kind: FaultKind::Panic,
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stats = loop {
+        if let Ok(stats) = role.send(StatsQuery).await {
+            break stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dispatcher did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(stats["queue_depth"], json!(2));
+    assert_eq!(stats["in_flight"], json!(1));
+
+    // The lease taken before the crash is still honoured.
+    let done = json!({"worker": "w", "job_id": held, "state": "completed"});
+    let reply = role
+        .send(Command::new("bus.report", done))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply["accepted"], json!(true));
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if event.event_type == "job.completed" {
+            assert_eq!(event.data["job_id"], json!(held));
+            break;
+        }
+    }
+    assert_eq!(state.depth(), 2);
+    role.shutdown();
+}
