@@ -23,7 +23,9 @@ use tracing::{debug, warn};
 use crate::dedup::{Admission, DedupCache};
 use crate::edge::rep::{Inbound, ReplySlot};
 use crate::message::{Command, HandlerError, StatsQuery};
-use crate::wire::{code, CommandReply, CommandRequest, Echo, WireError};
+use crate::wire::{
+    code, nesting_depth, CommandReply, CommandRequest, Echo, WireError, MAX_NESTING,
+};
 
 /// Resolves a command name to the handler's current address. A supervised
 /// handler's resolver returns the live instance, or `None` while it restarts.
@@ -245,7 +247,7 @@ impl CommandRouter {
         ctx.spawn(call.into_actor(self).map(move |outcome, router, _| {
             router.in_flight -= 1;
             let reply = match outcome {
-                Ok(Ok(result)) => CommandReply::ok(echo, result),
+                Ok(Ok(result)) => result_reply(echo, &name, result),
                 Ok(Err(err)) => CommandReply::error(echo, err.code, err.message),
                 Err(MailboxError::Timeout) => {
                     let text = format!("`{name}` did not answer within {} ms", timeout.as_millis());
@@ -291,6 +293,21 @@ impl CommandRouter {
         };
         self.answer(reply_to, CommandReply::error(echo, err.code, err.message));
     }
+}
+
+/// A handler's result as an ok reply, or `handler_failed` when the reply
+/// would nest deeper than any Rust peer (this crate's own client included)
+/// can decode: the reply object and its `result` add one level, and an
+/// `echo` of a payload near the request limit would otherwise cross it.
+fn result_reply(echo: Echo, name: &str, result: Value) -> CommandReply {
+    let depth = nesting_depth(&result) + 1;
+    if depth > MAX_NESTING {
+        let text = format!(
+            "the reply of `{name}` would nest {depth} levels deep; the limit is {MAX_NESTING}"
+        );
+        return CommandReply::error(echo, code::HANDLER_FAILED, text);
+    }
+    CommandReply::ok(echo, result)
 }
 
 /// Counter keys are static; a handler's own code is counted as `other`.

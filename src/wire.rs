@@ -2,7 +2,7 @@
 //!
 //! Only the edges and this module see bytes. Every decoder checks, in this
 //! order: empty body, size limit, UTF-8, JSON syntax (serde_json's recursion
-//! limit of 128 levels turns deep nesting into an error, not a stack
+//! limit, [`MAX_NESTING`] levels, turns deep nesting into an error, not a stack
 //! overflow), object shape, then the type of each known field. Each failure is
 //! a [`WireError`] with a machine code that goes straight into an error reply
 //! or a dead letter.
@@ -47,7 +47,7 @@ impl WireError {
 /// # Errors
 ///
 /// `too_large` when the body exceeds `max_size`; `bad_request` when it is
-/// empty, not UTF-8, not JSON (including nesting deeper than 128 levels) or
+/// empty, not UTF-8, not JSON (including nesting deeper than [`MAX_NESTING`]) or
 /// not an object.
 pub fn parse_object(bytes: &[u8], max_size: usize) -> Result<Map<String, Value>, WireError> {
     if bytes.is_empty() {
@@ -78,6 +78,26 @@ pub fn parse_object(bytes: &[u8], max_size: usize) -> Result<Map<String, Value>,
             "message is not valid JSON: {err}"
         ))),
     }
+}
+
+/// The most levels of arrays and objects a body may nest: serde_json, and so
+/// every decoder here and every Rust peer, refuses the 128th level.
+pub const MAX_NESTING: usize = 127;
+
+/// The levels of arrays and objects in `value` at its deepest point (0 for a
+/// scalar), counted with an explicit stack so that any depth is safe.
+pub fn nesting_depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut pending = vec![(value, 1)];
+    while let Some((value, depth)) = pending.pop() {
+        match value {
+            Value::Array(items) => pending.extend(items.iter().map(|item| (item, depth + 1))),
+            Value::Object(map) => pending.extend(map.values().map(|item| (item, depth + 1))),
+            _ => continue,
+        }
+        deepest = deepest.max(depth);
+    }
+    deepest
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -605,6 +625,20 @@ mod tests {
         let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
         let err = CommandRequest::decode(body.as_bytes(), 0).unwrap_err();
         assert_eq!(err.code, code::BAD_REQUEST);
+    }
+
+    #[test]
+    fn nesting_depth_counts_containers_without_recursing() {
+        assert_eq!(nesting_depth(&json!(1)), 0);
+        assert_eq!(nesting_depth(&json!({"a": [1, {"b": []}], "c": {}})), 4);
+        let mut deep = json!(1);
+        for _ in 0..MAX_NESTING {
+            deep = json!([deep]);
+        }
+        assert_eq!(nesting_depth(&deep), MAX_NESTING);
+        let text = serde_json::to_string(&deep).unwrap();
+        assert!(parse_object(format!("{{\"a\": {text}}}").as_bytes(), 0).is_err());
+        assert!(serde_json::from_str::<Value>(&text).is_ok());
     }
 
     #[test]

@@ -394,6 +394,9 @@ fn hostile_body() -> impl Strategy<Value = (&'static str, Vec<u8>)> {
         }),
         duplicate_key_body().prop_map(|(body, _)| ("duplicate keys", body)),
         decorated_body().prop_map(|body| ("decorated", body)),
+        (118usize..132, any::<u8>()).prop_map(|(depth, shape)| {
+            ("near the depth limit", deep_body(depth, shape, 1, true))
+        }),
         (129usize..100_001, any::<u8>(), any::<u8>(), any::<bool>()).prop_map(
             |(depth, shape, place, closed)| { ("deep", deep_body(depth, shape, place, closed)) }
         ),
@@ -490,10 +493,34 @@ fn predicted_code(body: &[u8], max_size: usize) -> Option<&'static str> {
     match CommandRequest::decode(body, max_size) {
         Err(error) => Some(error.code),
         Ok(request) => match request.command.as_deref() {
+            // The reply wraps the payload in two more objects.
+            Some("echo") if depth_of_object(&request.payload) + 2 > DEEPEST_READABLE => {
+                Some(code::HANDLER_FAILED)
+            }
             Some("ping" | "echo" | "status") => None,
             _ => Some(code::UNKNOWN_COMMAND),
         },
     }
+}
+
+/// The most levels of arrays and objects serde_json reads (it refuses the
+/// 128th), and so the most a reply may have for a Rust peer to decode it.
+const DEEPEST_READABLE: usize = 127;
+
+/// Levels of arrays and objects in `map`, itself included, counted with an
+/// explicit stack.
+fn depth_of_object(map: &Map<String, Value>) -> usize {
+    let mut deepest = 1;
+    let mut pending: Vec<(&Value, usize)> = map.values().map(|value| (value, 2)).collect();
+    while let Some((value, depth)) = pending.pop() {
+        match value {
+            Value::Array(items) => pending.extend(items.iter().map(|item| (item, depth + 1))),
+            Value::Object(map) => pending.extend(map.values().map(|item| (item, depth + 1))),
+            _ => continue,
+        }
+        deepest = deepest.max(depth);
+    }
+    deepest
 }
 
 /// The `job_uuid` the reply to `body` must echo.
