@@ -781,8 +781,10 @@ fn a_hundred_thousand_levels_are_a_bad_request_for_every_decoder_on_a_small_stac
 }
 
 /// The deepest payload the codec accepts, echoed back as the `echo` command
-/// does: the reply is encoded on a small stack (the reply path does not
-/// recurse past the input's own bounded depth).
+/// does: the reply is built and encoded on a small stack (the reply path
+/// never recurses past the input's own bounded depth), and it decodes
+/// whenever it nests no deeper than serde_json reads; deeper ones are the
+/// replies the router turns into `handler_failed` (see the corpus).
 #[test]
 fn the_deepest_accepted_payload_is_echoed_back_on_a_small_stack() {
     let deepest = (1..200)
@@ -792,17 +794,26 @@ fn the_deepest_accepted_payload_is_echoed_back_on_a_small_stack() {
         })
         .last()
         .expect("shallow nesting decodes");
-    let body = deep_body(deepest, 1, 1, true);
-    let (reply_size, reply_decodes) = on_small_stack(move || {
-        let request = CommandRequest::decode(&body, 0).unwrap();
-        let reply = CommandReply::ok(request.echo(), json!({"echo": request.payload})).encode();
-        (reply.len(), CommandReply::decode(&reply).is_ok())
-    });
-    eprintln!(
-        "deepest accepted payload: {deepest} levels inside it; echo reply {reply_size} bytes, \
-         decodable by CommandReply::decode: {reply_decodes}"
-    );
-    assert!(deepest > 100, "only {deepest} levels accepted");
+    for depth in deepest - 2..=deepest {
+        let body = deep_body(depth, 1, 1, true);
+        let (reply_depth, reply_size, decodes) = on_small_stack(move || {
+            let request = CommandRequest::decode(&body, 0).unwrap();
+            let reply_depth = depth_of_object(&request.payload) + 2;
+            let result = json!({"echo": request.payload});
+            let reply = CommandReply::ok(request.echo(), result).encode();
+            (
+                reply_depth,
+                reply.len(),
+                CommandReply::decode(&reply).is_ok(),
+            )
+        });
+        eprintln!(
+            "payload with {depth} levels under it: echo reply {reply_depth} levels, \
+             {reply_size} bytes, decodes: {decodes}"
+        );
+        assert_eq!(decodes, reply_depth <= DEEPEST_READABLE);
+    }
+    assert!(deepest >= 120, "only {deepest} levels accepted");
 }
 
 // ---------------------------------------------------------------------------
