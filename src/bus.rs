@@ -29,6 +29,7 @@
 
 use actix::prelude::*;
 use serde_json::{json, Value};
+use std::any::Any;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, warn};
@@ -120,6 +121,7 @@ impl BusBuilder {
             policy: self.policy,
             fatal: Arc::new(fatal_sender),
             health: Vec::new(),
+            edge_roles: Vec::new(),
         };
         let config = self.config;
         let options = edge_options(&config);
@@ -186,6 +188,7 @@ impl BusBuilder {
             registry,
             events,
             roles: Arc::new(roles.health),
+            edge_roles: Arc::new(roles.edge_roles),
             fatal,
         }
     }
@@ -196,6 +199,8 @@ struct RoleSet {
     policy: BackoffPolicy,
     fatal: Arc<watch::Sender<Option<String>>>,
     health: Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>,
+    /// Each edge role's `SupervisedRole<EdgeActor<E>>`, by role name.
+    edge_roles: Vec<(&'static str, Box<dyn Any + Send + Sync>)>,
 }
 
 impl RoleSet {
@@ -309,7 +314,8 @@ impl RoleSet {
     {
         let for_actor = slot.clone();
         let factory = move || EdgeActor::new(role, opener.clone(), for_actor.clone());
-        self.supervise(role, factory, events);
+        let supervised = self.supervise(role, factory, events);
+        self.edge_roles.push((role, Box::new(supervised)));
         slot
     }
 }
@@ -427,6 +433,7 @@ pub struct BusHandle {
     registry: SubscriberRegistry,
     events: EventSink,
     roles: Arc<Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>>,
+    edge_roles: Arc<Vec<(&'static str, Box<dyn Any + Send + Sync>)>>,
     fatal: watch::Receiver<Option<String>>,
 }
 
@@ -448,6 +455,27 @@ impl BusHandle {
     /// for injecting faults).
     pub fn command_router(&self) -> &SupervisedRole<CommandRouter> {
         &self.command_router
+    }
+
+    /// The data router's supervised handle.
+    pub fn data_router(&self) -> &SupervisedRole<CommandRouter> {
+        &self.data_router
+    }
+
+    /// The supervised handle of the edge role `role` (`command-edge`,
+    /// `data-edge`, `event-edge`) whose edge type is `E`, for its stats and,
+    /// in tests, for injecting faults; `None` when that edge is not
+    /// configured or has another type.
+    pub fn edge_role<E>(&self, role: &str) -> Option<SupervisedRole<EdgeActor<E>>>
+    where
+        E: Edge + Unpin,
+        EdgeActor<E>: Actor<Context = Context<EdgeActor<E>>>,
+    {
+        self.edge_roles
+            .iter()
+            .find(|(name, _)| *name == role)
+            .and_then(|(_, handle)| handle.downcast_ref::<SupervisedRole<EdgeActor<E>>>())
+            .cloned()
     }
 
     /// Whether every configured edge is open.
