@@ -336,6 +336,10 @@ fn publisher_sink(publisher: SupervisedRole<TopicPublisher>) -> EventSink {
     })
 }
 
+// The publisher's test-only fault hook (see `supervisor::InjectFault`); the
+// other roles implement it in their own files.
+crate::impl_inject_fault!(TopicPublisher);
+
 fn addresses_json(config: &BusConfig) -> Value {
     let addresses = &config.addresses;
     json!({
