@@ -37,18 +37,35 @@ use tracing::{error, warn};
 use crate::backoff::BackoffPolicy;
 use crate::builtin::BuiltinCommands;
 use crate::config::BusConfig;
+use crate::dead_letter::{
+    Bury, DeadLetterActor, DeadLetterError, DeadLetterLimits, SetReplayTarget, DEAD_LETTER_COMMANDS,
+};
+use crate::dispatcher::{
+    CloseIntake, DispatcherSettings, Enqueue, QueueDispatcher, QueueState, RegisterWorker,
+    QUEUE_COMMANDS,
+};
 use crate::edge::listener::{Edge, EdgeActor, EdgeOpener, EdgeSlot};
 use crate::edge::publish::PubEdge;
+use crate::edge::push::{PushEdge, DEFAULT_PUSH_TIMEOUT};
 use crate::edge::rep::{InboundSink, RepEdge};
 use crate::edge::EdgeOptions;
-use crate::message::{Command, EventDelivery, EventSink, Publish, StatsQuery};
+use crate::message::{
+    Command, EventDelivery, EventSink, HandlerError, Publish, RunJob, StatsQuery,
+};
 use crate::publisher::{
     PublisherSettings, SubscriberRegistry, SubscriptionId, TopicPublisher, PUBLISH_COMMAND,
 };
 use crate::router::{CommandRouter, Dispatch, RouteTable, RouterSettings, StopIntake};
 use crate::supervisor::{supervise, GiveUp, RoleSendError, SupervisedRole, SupervisorOptions};
 use crate::topics::{PatternError, SERVICE_STARTED, SERVICE_STOPPED};
-use crate::wire::{code, CommandReply, CommandRequest, Echo, Event};
+use crate::wire::{code, CommandReply, CommandRequest, Echo, Event, JobMessage};
+
+/// Why a bus could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot open the dead letter store: {0}")]
+    DeadLetters(#[from] DeadLetterError),
+}
 
 /// Collects handlers, then starts the bus.
 pub struct BusBuilder {
@@ -56,6 +73,7 @@ pub struct BusBuilder {
     policy: BackoffPolicy,
     command_routes: RouteTable,
     data_routes: RouteTable,
+    workers: Vec<RegisterWorker>,
 }
 
 /// Entry point: `Bus::builder(config)`.
@@ -68,6 +86,7 @@ impl Bus {
             policy: BackoffPolicy::default(),
             command_routes: RouteTable::default(),
             data_routes: RouteTable::default(),
+            workers: Vec::new(),
         }
     }
 }
@@ -101,6 +120,22 @@ impl BusBuilder {
         self
     }
 
+    /// Run jobs of `job_type` in-process on `worker`, up to `concurrency` at
+    /// once.
+    pub fn worker(
+        mut self,
+        job_type: impl Into<String>,
+        worker: Recipient<RunJob>,
+        concurrency: usize,
+    ) -> Self {
+        self.workers.push(RegisterWorker {
+            job_type: job_type.into(),
+            worker,
+            concurrency,
+        });
+        self
+    }
+
     /// The restart schedule of every role (default [`BackoffPolicy::default`]).
     pub fn restart_policy(mut self, policy: BackoffPolicy) -> Self {
         self.policy = policy;
@@ -115,7 +150,12 @@ impl BusBuilder {
     /// actor retries on the restart schedule and logs each failure, and the
     /// bus serves in-process traffic meanwhile. [`BusHandle::fatal`] reports
     /// a role given up for good.
-    pub fn start(self) -> BusHandle {
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::DeadLetters`] when the dead letter store cannot be
+    /// opened (a path in a missing directory, a file that is not SQLite).
+    pub fn start(self) -> Result<BusHandle, BusError> {
         let (fatal_sender, fatal) = watch::channel(None);
         let mut roles = RoleSet {
             policy: self.policy,
@@ -136,12 +176,25 @@ impl BusBuilder {
         self.command_routes
             .register_resolver(PUBLISH_COMMAND, Arc::new(publish_resolver));
 
+        let dead_letters = roles.dead_letters(&config, &events)?;
+        let (dispatcher, queue_slot) = roles.dispatcher(&config, &options, &events, &dead_letters);
+        register_role_commands(&self.command_routes, &QUEUE_COMMANDS, &dispatcher);
+        register_role_commands(&self.command_routes, &DEAD_LETTER_COMMANDS, &dead_letters);
+        let _ = dead_letters.do_send(SetReplayTarget {
+            target: enqueue_forwarder(&dispatcher),
+        });
+        for registration in self.workers {
+            let _ = dispatcher.do_send(registration);
+        }
+
         let command_router = roles.router(&config, "command", &self.command_routes, &events);
         let data_router = roles.router(&config, "data", &self.data_routes, &events);
         let builtins = BuiltinCommands::new(config.service_name.clone())
             .with_role("command", stats_of(&command_router))
             .with_role("data", stats_of(&data_router))
             .with_role("publisher", stats_of(&publisher))
+            .with_role("job_queue", stats_of(&dispatcher))
+            .with_role("dead_letters", stats_of(&dead_letters))
             .with_health_events(events.clone(), config.health_interval)
             .start();
         for routes in [&self.command_routes, &self.data_routes] {
@@ -176,7 +229,7 @@ impl BusBuilder {
             json!({"pid": std::process::id(), "addresses": addresses_json(&config)}),
         ));
 
-        BusHandle {
+        Ok(BusHandle {
             config,
             command_routes: self.command_routes,
             data_routes: self.data_routes,
@@ -187,10 +240,13 @@ impl BusBuilder {
             publisher,
             registry,
             events,
+            dispatcher,
+            dead_letters,
+            queue_slot,
             roles: Arc::new(roles.health),
             edge_roles: Arc::new(roles.edge_roles),
             fatal,
-        }
+        })
     }
 }
 
@@ -266,6 +322,64 @@ impl RoleSet {
         (publisher, events, Some(event_slot))
     }
 
+    /// Open the dead letter store and supervise its actor; every instance
+    /// shares the one store.
+    fn dead_letters(
+        &mut self,
+        config: &BusConfig,
+        events: &EventSink,
+    ) -> Result<SupervisedRole<DeadLetterActor>, BusError> {
+        let limits = DeadLetterLimits {
+            max_entries: config.dead_letter_max_entries,
+            ..DeadLetterLimits::default()
+        };
+        let first = DeadLetterActor::open(config.dead_letter_path.clone(), limits)?;
+        Ok(self.supervise("dead_letters", move || first.instance(), events))
+    }
+
+    /// Supervise the dispatcher over one shared queue state, and its PUSH
+    /// edge when the job queue edge is enabled.
+    fn dispatcher(
+        &mut self,
+        config: &BusConfig,
+        options: &EdgeOptions,
+        events: &EventSink,
+        dead_letters: &SupervisedRole<DeadLetterActor>,
+    ) -> (SupervisedRole<QueueDispatcher>, Option<EdgeSlot<PushEdge>>) {
+        let (settings, state, slot) = (
+            DispatcherSettings::from_config(config),
+            QueueState::new(),
+            EdgeSlot::default(),
+        );
+        let (for_actor, sink, burials) =
+            (slot.clone(), events.clone(), bury_forwarder(dead_letters));
+        let factory = move || {
+            let (settings, state, sink) = (settings.clone(), state.clone(), sink.clone());
+            QueueDispatcher::with_push_slot(
+                settings,
+                state,
+                sink,
+                burials.clone(),
+                for_actor.clone(),
+            )
+        };
+        let dispatcher = self.supervise("job_queue", factory, events);
+        if !config.edges.job_queue {
+            return (dispatcher, None);
+        }
+        let (url, edge_options, dial) = (
+            config.addresses.job_queue.clone(),
+            options.clone(),
+            config.queue_dial,
+        );
+        let opener: EdgeOpener<PushEdge> = Arc::new(move || match dial {
+            true => PushEdge::dial(&url, &edge_options, DEFAULT_PUSH_TIMEOUT),
+            false => PushEdge::listen(&url, &edge_options, DEFAULT_PUSH_TIMEOUT),
+        });
+        let queue_slot = self.edge_into("queue-edge", opener, slot, events);
+        (dispatcher, Some(queue_slot))
+    }
+
     fn router(
         &mut self,
         config: &BusConfig,
@@ -317,6 +431,75 @@ impl RoleSet {
         let supervised = self.supervise(role, factory, events);
         self.edge_roles.push((role, Box::new(supervised)));
         slot
+    }
+}
+
+/// Route each of `names` to whichever instance of `role` is live.
+fn register_role_commands<A>(routes: &RouteTable, names: &[&str], role: &SupervisedRole<A>)
+where
+    A: Actor<Context = Context<A>> + Handler<Command>,
+{
+    for name in names {
+        let role = role.clone();
+        routes.register_resolver(*name, Arc::new(move || role.addr().map(Addr::recipient)));
+    }
+}
+
+/// A `Recipient<Bury>` that reaches the live dead letter instance.
+fn bury_forwarder(dead_letters: &SupervisedRole<DeadLetterActor>) -> Recipient<Bury> {
+    RoleForwarder {
+        role: dead_letters.clone(),
+    }
+    .start()
+    .recipient()
+}
+
+/// A `Recipient<Enqueue>` that reaches the live dispatcher instance.
+fn enqueue_forwarder(dispatcher: &SupervisedRole<QueueDispatcher>) -> Recipient<Enqueue> {
+    RoleForwarder {
+        role: dispatcher.clone(),
+    }
+    .start()
+    .recipient()
+}
+
+/// Forwards one kind of request to whichever instance of a supervised role
+/// is live; while it restarts the caller gets the role's refusal as an error.
+struct RoleForwarder<A: Actor> {
+    role: SupervisedRole<A>,
+}
+
+impl<A: Actor<Context = Context<A>>> Actor for RoleForwarder<A> {
+    type Context = Context<Self>;
+}
+
+impl Handler<Bury> for RoleForwarder<DeadLetterActor> {
+    type Result = ResponseFuture<Result<(), DeadLetterError>>;
+
+    fn handle(&mut self, bury: Bury, _ctx: &mut Self::Context) -> Self::Result {
+        let role = self.role.clone();
+        Box::pin(async move {
+            role.send(bury).await.unwrap_or_else(|refused| {
+                warn!(error = %refused, "dead letter store not running");
+                Err(DeadLetterError::Unavailable)
+            })
+        })
+    }
+}
+
+impl Handler<Enqueue> for RoleForwarder<QueueDispatcher> {
+    type Result = ResponseFuture<Result<String, HandlerError>>;
+
+    fn handle(&mut self, enqueue: Enqueue, _ctx: &mut Self::Context) -> Self::Result {
+        let role = self.role.clone();
+        Box::pin(async move {
+            role.send(enqueue).await.unwrap_or_else(|refused| {
+                Err(HandlerError::new(
+                    code::OVERLOADED,
+                    format!("job queue not running: {refused}"),
+                ))
+            })
+        })
     }
 }
 
@@ -436,6 +619,9 @@ pub struct BusHandle {
     publisher: SupervisedRole<TopicPublisher>,
     registry: SubscriberRegistry,
     events: EventSink,
+    dispatcher: SupervisedRole<QueueDispatcher>,
+    dead_letters: SupervisedRole<DeadLetterActor>,
+    queue_slot: Option<EdgeSlot<PushEdge>>,
     roles: Arc<Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>>,
     edge_roles: Arc<Vec<(&'static str, Box<dyn Any + Send + Sync>)>>,
     fatal: watch::Receiver<Option<String>>,
@@ -486,6 +672,51 @@ impl BusHandle {
     pub fn edges_open(&self) -> bool {
         self.rep_slots.iter().all(EdgeSlot::is_open)
             && self.event_slot.as_ref().map_or(true, EdgeSlot::is_open)
+            && self.queue_slot.as_ref().map_or(true, EdgeSlot::is_open)
+    }
+
+    /// Put `job` on the queue; the reply is its id once it is queued.
+    ///
+    /// # Errors
+    ///
+    /// `overloaded` when the queue is full or the dispatcher is restarting,
+    /// `shutting_down` after shutdown began, `bad_request` for a bad job.
+    pub async fn enqueue(&self, job: JobMessage) -> Result<String, HandlerError> {
+        self.dispatcher
+            .send(Enqueue { job })
+            .await
+            .unwrap_or_else(|refused| {
+                Err(HandlerError::new(
+                    code::OVERLOADED,
+                    format!("job queue not running: {refused}"),
+                ))
+            })
+    }
+
+    /// Run jobs of `job_type` in-process on `worker`; the reply is the
+    /// worker's id.
+    pub async fn register_worker(
+        &self,
+        job_type: impl Into<String>,
+        worker: Recipient<RunJob>,
+        concurrency: usize,
+    ) -> Option<String> {
+        let registration = RegisterWorker {
+            job_type: job_type.into(),
+            worker,
+            concurrency,
+        };
+        self.dispatcher.send(registration).await.ok()
+    }
+
+    /// The dispatcher's supervised handle.
+    pub fn dispatcher(&self) -> &SupervisedRole<QueueDispatcher> {
+        &self.dispatcher
+    }
+
+    /// The dead letter actor's supervised handle.
+    pub fn dead_letters(&self) -> &SupervisedRole<DeadLetterActor> {
+        &self.dead_letters
     }
 
     /// Where to publish events into this bus.
@@ -579,7 +810,16 @@ impl BusHandle {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }
+        while let Ok(in_flight) = self.dispatcher.send(CloseIntake).await {
+            if in_flight == 0 || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         for slot in &self.rep_slots {
+            slot.close();
+        }
+        if let Some(slot) = &self.queue_slot {
             slot.close();
         }
         self.announce_stop().await;

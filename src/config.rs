@@ -113,6 +113,14 @@ pub struct BusConfig {
     pub drain_deadline: Duration,
     /// Mode bits of ipc socket files. Default 0o660 (owner and group).
     pub ipc_permissions: u32,
+    /// Dial the job queue address instead of listening on it, for a PULL
+    /// worker that listens (dgbit's Python `JobWorker` does). Default false.
+    pub queue_dial: bool,
+    /// Job types pushed at most once to plain PULL peers; `*` for any type
+    /// no in-process or leasing worker wants. Default `{"*"}`.
+    pub push_job_types: std::collections::BTreeSet<String>,
+    /// Dead letters kept at most, oldest evicted first. Default 100 000.
+    pub dead_letter_max_entries: usize,
 }
 
 /// Which NNG edges a bus opens.
@@ -160,6 +168,9 @@ impl Default for BusConfig {
             service_name: "dgbit-bus".into(),
             drain_deadline: Duration::from_secs(10),
             ipc_permissions: 0o660,
+            queue_dial: false,
+            push_job_types: ["*".to_string()].into(),
+            dead_letter_max_entries: 100_000,
         }
     }
 }

@@ -148,6 +148,7 @@ use tracing::{debug, error, warn};
 
 use crate::config::BusConfig;
 use crate::dead_letter::Bury;
+use crate::edge::listener::EdgeSlot;
 use crate::edge::push::{PushEdge, PushNotice, PushOutcome};
 use crate::message::{Command, EventSink, HandlerError, ProgressReporter, RunJob, StatsQuery};
 use crate::wire::{code, Event, JobMessage};
@@ -218,6 +219,7 @@ impl DispatcherSettings {
             job_lease: config.job_lease,
             backlog_alert: config.backlog_alert,
             service_name: config.service_name.clone(),
+            push_job_types: config.push_job_types.clone(),
             ..Self::default()
         }
     }
@@ -337,7 +339,10 @@ pub struct QueueDispatcher {
     state: QueueState,
     events: EventSink,
     dead_letters: Recipient<Bury>,
-    push: Option<Arc<PushEdge>>,
+    push: EdgeSlot<PushEdge>,
+    /// The edge this instance asked for push notices, so that an edge opened
+    /// (or reopened) after the dispatcher started is registered on a tick.
+    noticed_edge: Option<Arc<PushEdge>>,
     /// In-process jobs whose handler is running in this incarnation, by
     /// lease id.
     running: HashMap<u64, String>,
@@ -353,6 +358,19 @@ impl QueueDispatcher {
         dead_letters: Recipient<Bury>,
         push: Option<Arc<PushEdge>>,
     ) -> Self {
+        let push = push.map(EdgeSlot::holding).unwrap_or_default();
+        Self::with_push_slot(settings, state, events, dead_letters, push)
+    }
+
+    /// A dispatcher pushing through whatever edge `push` holds at the time:
+    /// the bus's edge actor fills the slot once the PUSH socket is open.
+    pub fn with_push_slot(
+        settings: DispatcherSettings,
+        state: QueueState,
+        events: EventSink,
+        dead_letters: Recipient<Bury>,
+        push: EdgeSlot<PushEdge>,
+    ) -> Self {
         state.lock().set_config(settings.queue_config());
         Self {
             settings,
@@ -360,7 +378,24 @@ impl QueueDispatcher {
             events,
             dead_letters,
             push,
+            noticed_edge: None,
             running: HashMap::new(),
+        }
+    }
+
+    /// Register for push notices with the open edge, once per edge.
+    fn watch_push_edge(&mut self, ctx: &mut Context<Self>) {
+        let edge = self.push.get();
+        let same = match (&edge, &self.noticed_edge) {
+            (Some(edge), Some(noticed)) => Arc::ptr_eq(edge, noticed),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            if let Some(edge) = &edge {
+                edge.set_notice_target(ctx.address().recipient());
+            }
+            self.noticed_edge = edge;
         }
     }
 
@@ -372,7 +407,7 @@ impl QueueDispatcher {
         operation: impl FnOnce(&mut JobQueue, Instant) -> R,
     ) -> R {
         let now = Instant::now();
-        let push_ready = self.push.as_ref().is_some_and(|edge| edge.is_ready());
+        let push_ready = self.push.get().is_some_and(|edge| edge.is_ready());
         let (result, effects) = {
             let mut queue = self.state.lock();
             let result = operation(&mut queue, now);
@@ -470,7 +505,7 @@ impl QueueDispatcher {
     }
 
     fn push(&mut self, job: JobMessage) {
-        let result = match &self.push {
+        let result = match self.push.get() {
             Some(edge) => edge.push(&job),
             None => Err(crate::edge::push::PushError::Closed),
         };
@@ -482,9 +517,10 @@ impl QueueDispatcher {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.watch_push_edge(ctx);
         let outcomes = self
             .push
-            .as_ref()
+            .get()
             .map(|edge| edge.take_outcomes())
             .unwrap_or_default();
         let running = std::mem::take(&mut self.running);
@@ -502,7 +538,7 @@ impl QueueDispatcher {
     fn stats(&self) -> Value {
         let mut stats = self.state.lock().stats(Instant::now());
         stats["lease_ms"] = (self.settings.job_lease.as_millis() as u64).into();
-        stats["push"] = match &self.push {
+        stats["push"] = match self.push.get() {
             Some(edge) => edge.stats(),
             None => Value::Null,
         };
@@ -582,9 +618,7 @@ impl Actor for QueueDispatcher {
         // Lease requests and reports are answered at once (a waiting lease
         // answers from a future), so a deep mailbox only absorbs bursts.
         ctx.set_mailbox_capacity(1024);
-        if let Some(edge) = &self.push {
-            edge.set_notice_target(ctx.address().recipient());
-        }
+        self.watch_push_edge(ctx);
         ctx.run_interval(TICK_INTERVAL, |actor, ctx| actor.tick(ctx));
         debug!(depth = self.state.depth(), "queue dispatcher started");
     }
@@ -662,7 +696,7 @@ impl Handler<PushNotice> for QueueDispatcher {
     fn handle(&mut self, _: PushNotice, ctx: &mut Self::Context) {
         let outcomes = self
             .push
-            .as_ref()
+            .get()
             .map(|edge| edge.take_outcomes())
             .unwrap_or_default();
         self.apply(ctx, |queue, now| apply_push_outcomes(queue, outcomes, now));

@@ -62,7 +62,7 @@ fn start_bus(addresses: &TestAddresses, handlers: &[(&str, Recipient<Command>)])
     for (name, recipient) in handlers {
         builder = builder.command(*name, recipient.clone());
     }
-    builder.start()
+    builder.start().expect("bus starts")
 }
 
 async fn ready(bus: &BusHandle) {
@@ -189,7 +189,8 @@ async fn every_kind_of_bad_request_gets_its_code_over_tcp_and_the_next_is_served
     let bus = Bus::builder(config)
         .command("echo", echo.clone())
         .command("fail", echo)
-        .start();
+        .start()
+        .expect("bus starts");
     ready(&bus).await;
     let client = client(&url, Duration::from_secs(5)).await;
 
@@ -264,7 +265,8 @@ async fn the_data_bus_is_a_second_router_with_its_own_handlers() {
     let config = BusConfig::default().addresses(addresses.addresses.clone());
     let bus = Bus::builder(config)
         .data_command("GET_KLINES", klines)
-        .start();
+        .start()
+        .expect("bus starts");
     ready(&bus).await;
     let data = client(&addresses.addresses.data, Duration::from_secs(5)).await;
     let command = client(&addresses.addresses.command, Duration::from_secs(5)).await;
@@ -284,7 +286,8 @@ async fn a_bus_without_edges_serves_in_process_requests() {
     let (echo, calls) = handler(Duration::ZERO);
     let bus = Bus::builder(BusConfig::in_process().edges(EdgeSet::NONE))
         .command("echo", echo)
-        .start();
+        .start()
+        .expect("bus starts");
     let reply = bus
         .request(CommandRequest::new("echo", json!({"a": 1})))
         .await;

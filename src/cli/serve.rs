@@ -50,7 +50,7 @@ impl ServeArgs {
 pub fn run_serve(args: &ServeArgs, addresses: &AddressArgs) -> anyhow::Result<()> {
     let config = args.config(addresses);
     actix::System::new().block_on(async move {
-        let bus = Bus::builder(config.clone()).start();
+        let bus = Bus::builder(config.clone()).start()?;
         info!(
             command = %config.addresses.command,
             data = %config.addresses.data,

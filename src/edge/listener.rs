@@ -42,6 +42,16 @@ impl Edge for super::publish::PubEdge {
     }
 }
 
+impl Edge for super::push::PushEdge {
+    fn url(&self) -> &str {
+        super::push::PushEdge::url(self)
+    }
+
+    fn close(&self) {
+        super::push::PushEdge::close(self)
+    }
+}
+
 /// The currently open edge of one socket, if any, shared by the edge actor
 /// (which fills it) and the role actor (which uses it).
 pub struct EdgeSlot<E> {
@@ -142,3 +152,4 @@ impl<E: Edge + Unpin> Actor for EdgeActor<E> {
 
 crate::impl_inject_fault!(EdgeActor<crate::edge::rep::RepEdge>);
 crate::impl_inject_fault!(EdgeActor<crate::edge::publish::PubEdge>);
+crate::impl_inject_fault!(EdgeActor<crate::edge::push::PushEdge>);

@@ -162,6 +162,7 @@ pub struct PushEdge {
     shared: Arc<Shared>,
     /// Whether the edge listens (and so owns its ipc file).
     listening: bool,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl PushEdge {
@@ -182,6 +183,7 @@ impl PushEdge {
             aio,
             shared,
             listening: true,
+            closed: Default::default(),
         })
     }
 
@@ -202,6 +204,7 @@ impl PushEdge {
             aio,
             shared,
             listening: false,
+            closed: Default::default(),
         })
     }
 
@@ -294,15 +297,27 @@ impl PushEdge {
     }
 }
 
+impl PushEdge {
+    /// Close the socket (a push in progress fails with `Closed` and its job
+    /// goes back to the queue) and remove the ipc file if the edge listens.
+    /// Calling it again does nothing.
+    pub fn close(&self) {
+        if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        self.socket.close();
+        if self.listening {
+            remove_ipc_file(&self.url);
+        }
+    }
+}
+
 impl Drop for PushEdge {
     fn drop(&mut self) {
         // Finish the callback before the socket and the last Aio handle go.
         self.aio.cancel();
         self.aio.wait();
-        self.socket.close();
-        if self.listening {
-            remove_ipc_file(&self.url);
-        }
+        self.close();
         let pending = lock(&self.shared.outcomes).len();
         if pending > 0 {
             warn!(pending, "push edge closed with outcomes nobody collected");
