@@ -582,7 +582,8 @@ fn edge_options(config: &BusConfig) -> EdgeOptions {
 }
 
 /// Opens the REP edge of `url`, feeding `router`. A request that arrives
-/// while the router restarts is answered `overloaded` at once.
+/// while the router restarts is answered `overloaded` at once; once the
+/// router is given up or shut down, `shutting_down`.
 fn rep_opener(
     url: &str,
     config: &BusConfig,
@@ -595,10 +596,13 @@ fn rep_opener(
             warn!(role = router.role(), "request lost to a stopping router")
         }
         Err(refused) => {
+            let (code, text) = if refused.is_closed() {
+                (code::SHUTTING_DOWN, "the router is gone for good; the bus is stopping")
+            } else {
+                (code::OVERLOADED, "the router is restarting; try again shortly")
+            };
             if let Some(inbound) = refused.into_message() {
-                let text = "the router is restarting; try again shortly";
-                let reply =
-                    CommandReply::error(Echo::salvage(&inbound.body), code::OVERLOADED, text);
+                let reply = CommandReply::error(Echo::salvage(&inbound.body), code, text);
                 inbound.reply.send(reply.encode());
             }
         }
