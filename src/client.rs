@@ -23,7 +23,7 @@ use nng::{Aio, AioResult, Context, Dialer, DialerBuilder, Message, Protocol, Soc
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::edge::hard_receive_limit;
+use crate::edge::nng_receive_max;
 use crate::wire::{CommandReply, CommandRequest, WireError};
 
 /// How a [`BusClient`] connects and waits.
@@ -157,7 +157,7 @@ impl BusClient {
 
     fn dial(url: &str, options: &ClientOptions, lazy: bool) -> Result<BusClient, nng::Error> {
         let socket = Socket::new(Protocol::Req0)?;
-        socket.set_opt::<nng::options::RecvMaxSize>(hard_receive_limit(options.max_reply_size))?;
+        socket.set_opt::<nng::options::RecvMaxSize>(nng_receive_max(options.max_reply_size))?;
         if let Some(interval) = options.resend_interval {
             socket.set_opt::<ResendTime>(Some(interval))?;
         }

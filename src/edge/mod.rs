@@ -70,6 +70,17 @@ pub fn hard_receive_limit(max_message_size: usize) -> usize {
     max_message_size.saturating_mul(2).max(64 * 1024)
 }
 
+/// Room NNG's receive maximum leaves for protocol headers, which it counts
+/// with the body: a REQ/REP message carries a 4-byte request id per hop, and
+/// NNG allows at most 8 hops.
+const PROTOCOL_HEADER_ROOM: usize = 64;
+
+/// The value for NNG's receive maximum that lets bodies up to
+/// [`hard_receive_limit`] through.
+pub fn nng_receive_max(max_message_size: usize) -> usize {
+    hard_receive_limit(max_message_size).saturating_add(PROTOCOL_HEADER_ROOM)
+}
+
 /// Listen on `url` with the edge options applied.
 ///
 /// An ipc file left by a crashed process is removed first; a file that a live
@@ -81,7 +92,7 @@ pub fn hard_receive_limit(max_message_size: usize) -> usize {
 /// [`EdgeError::Listen`] when NNG refuses (bad URL, directory missing,
 /// permission denied, tcp port in use).
 pub fn listen(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Listener, EdgeError> {
-    socket.set_opt::<RecvMaxSize>(hard_receive_limit(options.max_message_size))?;
+    socket.set_opt::<RecvMaxSize>(nng_receive_max(options.max_message_size))?;
     if let Some(path) = ipc_path(url) {
         clear_stale_ipc_file(url, &path)?;
     }
@@ -109,7 +120,7 @@ pub fn listen(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Liste
 ///
 /// [`EdgeError::Dial`] when the URL is malformed or its transport unknown.
 pub fn dial(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Dialer, EdgeError> {
-    socket.set_opt::<RecvMaxSize>(hard_receive_limit(options.max_message_size))?;
+    socket.set_opt::<RecvMaxSize>(nng_receive_max(options.max_message_size))?;
     let dial_error = |source| EdgeError::Dial {
         url: url.to_string(),
         source,
