@@ -8,13 +8,16 @@
 //!
 //! Given an event sink, the same report is published as `system.health`
 //! every health interval.
+//!
+//! [`BuiltinJobs`] is the job handler of `dgbit-bus work`: job types `noop`,
+//! `echo`, `sleep` and `fail`, for trying a queue out and for benchmarks.
 
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde_json::{json, Map, Value};
 
-use crate::message::{Command, EventSink, HandlerError, StatsQuery};
+use crate::message::{Command, EventSink, HandlerError, RunJob, StatsQuery};
 use crate::topics::SYSTEM_HEALTH;
 use crate::wire::{now_rfc3339, Event};
 
@@ -123,9 +126,89 @@ async fn status_reply(mut head: Value, roles: Vec<(String, Recipient<StatsQuery>
     head
 }
 
+/// Job types served by [`BuiltinJobs`].
+pub const BUILTIN_JOB_TYPES: [&str; 4] = ["noop", "echo", "sleep", "fail"];
+
+/// The longest a `sleep` job may ask for.
+const SLEEP_JOB_LIMIT: Duration = Duration::from_secs(600);
+
+/// Runs the built-in job types:
+/// - `noop`: nothing, result `{}`;
+/// - `echo`: result `{"echo": <payload>}`;
+/// - `sleep`: waits `payload.ms` milliseconds (at most 10 minutes), reporting
+///   progress halfway, result `{"slept_ms": ms}`;
+/// - `fail`: always fails with `payload.error` or a fixed text.
+#[derive(Debug, Default)]
+pub struct BuiltinJobs;
+
+impl Actor for BuiltinJobs {
+    type Context = Context<Self>;
+}
+
+impl Handler<RunJob> for BuiltinJobs {
+    type Result = ResponseFuture<Result<Value, HandlerError>>;
+
+    fn handle(&mut self, run: RunJob, _ctx: &mut Self::Context) -> Self::Result {
+        let RunJob { job, progress } = run;
+        Box::pin(async move {
+            match job.job_type.as_str() {
+                "noop" => Ok(json!({})),
+                "echo" => Ok(json!({"echo": job.payload})),
+                "sleep" => {
+                    let ms = job.payload.get("ms").and_then(Value::as_u64).unwrap_or(0);
+                    let total = Duration::from_millis(ms).min(SLEEP_JOB_LIMIT);
+                    actix::clock::sleep(total / 2).await;
+                    progress.report(json!({"percent": 50}));
+                    actix::clock::sleep(total - total / 2).await;
+                    Ok(json!({"slept_ms": total.as_millis() as u64}))
+                }
+                "fail" => {
+                    let text = job.payload.get("error").and_then(Value::as_str);
+                    Err(HandlerError::failed(
+                        text.unwrap_or("the job asked to fail"),
+                    ))
+                }
+                other => Err(HandlerError::bad_request(format!(
+                    "no built-in job type `{other}`"
+                ))),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[actix_rt::test]
+    async fn builtin_jobs_run_each_type_and_fail_on_request() {
+        use crate::message::ProgressReporter;
+        use crate::wire::JobMessage;
+        let jobs = BuiltinJobs.start();
+        let run = |job_type: &str, payload: Value| RunJob {
+            job: JobMessage::new(job_type, payload),
+            progress: ProgressReporter::discard(),
+        };
+        let echo = jobs
+            .send(run("echo", json!({"a": 1})))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, json!({"echo": {"a": 1}}));
+        let slept = jobs
+            .send(run("sleep", json!({"ms": 20})))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(slept, json!({"slept_ms": 20}));
+        let failed = jobs
+            .send(run("fail", json!({"error": "boom"})))
+            .await
+            .unwrap();
+        assert_eq!(failed.unwrap_err().message, "boom");
+        let unknown = jobs.send(run("other", json!({}))).await.unwrap();
+        assert_eq!(unknown.unwrap_err().code, "bad_request");
+    }
 
     #[actix_rt::test]
     async fn ping_answers_pong() {

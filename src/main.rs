@@ -3,8 +3,14 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use actix::prelude::*;
 use clap::{Parser, Subcommand};
+use dgbit_bus::builtin::{BuiltinJobs, BUILTIN_JOB_TYPES};
 use dgbit_bus::cli::events::{run_publish, run_tail, PublishArgs, TailArgs};
+use dgbit_bus::cli::jobs::{
+    run_cancel, run_dlq, run_enqueue, run_jobs, run_work, CancelArgs, DlqArgs, EnqueueArgs,
+    JobsArgs, WorkArgs,
+};
 use dgbit_bus::cli::send::{run_send, SendArgs};
 use dgbit_bus::cli::serve::{run_serve, ServeArgs};
 use dgbit_bus::cli::AddressArgs;
@@ -35,6 +41,26 @@ enum Commands {
     Publish(PublishArgs),
     /// Print events matching PATTERN as they arrive, one JSON per line.
     Tail(TailArgs),
+    /// Put a job on a running bus's queue.
+    Enqueue(EnqueueArgs),
+    /// Cancel a job that is still waiting in the queue.
+    Cancel(CancelArgs),
+    /// Run a worker with the built-in job types (noop, echo, sleep, fail).
+    Work(WorkArgs),
+    /// Show the queue: depth, jobs in flight, workers.
+    Jobs(JobsArgs),
+    /// List, show, replay or purge dead letters.
+    Dlq(DlqArgs),
+    /// Show the bus's status: every role's counters and restarts.
+    Status,
+}
+
+fn builtin_job_handlers() -> Vec<(String, Recipient<dgbit_bus::message::RunJob>)> {
+    let jobs = BuiltinJobs.start();
+    BUILTIN_JOB_TYPES
+        .iter()
+        .map(|name| (name.to_string(), jobs.clone().recipient()))
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -51,6 +77,12 @@ fn main() -> ExitCode {
         Commands::Send(args) => run_send(args, &cli.addresses),
         Commands::Publish(args) => run_publish(args, &cli.addresses),
         Commands::Tail(args) => run_tail(args, &cli.addresses),
+        Commands::Enqueue(args) => run_enqueue(args, &cli.addresses),
+        Commands::Cancel(args) => run_cancel(args, &cli.addresses),
+        Commands::Work(args) => run_work(args, &cli.addresses, builtin_job_handlers),
+        Commands::Jobs(args) => run_jobs(args, &cli.addresses),
+        Commands::Dlq(args) => run_dlq(args, &cli.addresses),
+        Commands::Status => run_send(&SendArgs::status(), &cli.addresses),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

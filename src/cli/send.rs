@@ -28,6 +28,19 @@ pub struct SendArgs {
     pub job_uuid: Option<String>,
 }
 
+impl SendArgs {
+    /// The arguments of `dgbit-bus status`: the `status` command.
+    pub fn status() -> Self {
+        Self {
+            command: "status".into(),
+            payload: "{}".into(),
+            data: false,
+            timeout_s: 10.0,
+            job_uuid: None,
+        }
+    }
+}
+
 /// Send the command and print the reply; an error reply exits non-zero.
 ///
 /// # Errors

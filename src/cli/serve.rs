@@ -1,9 +1,10 @@
 //! `dgbit-bus serve`: run the bus until SIGINT or SIGTERM.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::AddressArgs;
 use crate::bus::Bus;
@@ -24,6 +25,25 @@ pub struct ServeArgs {
     /// Seconds shutdown waits for work in flight.
     #[arg(long, default_value_t = 10)]
     pub drain_deadline_s: u64,
+    /// SQLite file of the dead letter queue (`:memory:` keeps none across
+    /// restarts). Default: $XDG_STATE_HOME/dgbit-bus/dead_letters.sqlite
+    /// (~/.local/state when unset).
+    #[arg(long, env = "DGBIT_DEAD_LETTER_PATH")]
+    pub dead_letter_path: Option<String>,
+    /// Dial the job queue address (a PULL worker listens there) instead of
+    /// listening on it.
+    #[arg(long)]
+    pub queue_dial: bool,
+    /// Job types pushed at most once to plain PULL peers (repeatable);
+    /// `*` for any type no acknowledging worker wants.
+    #[arg(long = "push-job-type", default_values_t = ["*".to_string()])]
+    pub push_job_types: Vec<String>,
+    /// Queue depth that raises `system.alert`.
+    #[arg(long, default_value_t = 1000)]
+    pub backlog_alert: usize,
+    /// Seconds between `system.health` events.
+    #[arg(long, default_value_t = 10.0)]
+    pub health_interval_s: f64,
 }
 
 impl ServeArgs {
@@ -36,7 +56,34 @@ impl ServeArgs {
             max_message_size: self.max_message_size,
             handler_timeout: Duration::from_secs(self.handler_timeout_s),
             drain_deadline: Duration::from_secs(self.drain_deadline_s),
+            dead_letter_path: dead_letter_path(self.dead_letter_path.as_deref()),
+            queue_dial: self.queue_dial,
+            push_job_types: self.push_job_types.iter().cloned().collect(),
+            backlog_alert: self.backlog_alert,
+            health_interval: Duration::from_secs_f64(self.health_interval_s.max(0.1)),
             ..BusConfig::default()
+        }
+    }
+}
+
+/// The dead letter file: as given, none for `:memory:`, else the default
+/// under the XDG state directory (created when missing).
+fn dead_letter_path(given: Option<&str>) -> Option<PathBuf> {
+    match given {
+        Some(":memory:") => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            let state = std::env::var_os("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|home| Path::new(&home).join(".local/state"))
+                })
+                .unwrap_or_else(std::env::temp_dir)
+                .join("dgbit-bus");
+            if let Err(error) = std::fs::create_dir_all(&state) {
+                warn!(dir = %state.display(), %error, "cannot create the dead letter directory");
+            }
+            Some(state.join("dead_letters.sqlite"))
         }
     }
 }
