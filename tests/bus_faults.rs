@@ -1,0 +1,479 @@
+//! Faults against the real bus (issue 5, "Must show"): every role crashed
+//! on purpose comes back on its schedule while the others serve, a
+//! panicking handler costs one request, a listener in a missing directory
+//! retries cheaply until it can open, and shutdown under load answers every
+//! request it took.
+//!
+//! Real NNG sockets throughout: ipc paths in a fresh temp dir per test, or a
+//! free tcp port on 127.0.0.1. Waits are on channels or on polled state with
+//! a deadline. Measured figures go to stderr (`--nocapture` shows them).
+
+mod common;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use dgbit_bus::backoff::{BackoffPolicy, RestartBudget};
+use dgbit_bus::bus::{Bus, BusHandle};
+use dgbit_bus::client::{BusClient, ClientError, ClientOptions};
+use dgbit_bus::config::BusConfig;
+use dgbit_bus::edge::listener::EdgeActor;
+use dgbit_bus::edge::publish::PubEdge;
+use dgbit_bus::edge::rep::RepEdge;
+use dgbit_bus::edge::subscribe::{SubEdge, SubEdgeSettings};
+use dgbit_bus::message::{EventDelivery, StatsQuery};
+use dgbit_bus::supervisor::{FaultKind, InjectFault, RoleState, SupervisedRole};
+use dgbit_bus::topics::Pattern;
+use dgbit_bus::wire::Event;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use common::TestAddresses;
+
+/// Longest any single wait in these tests may take.
+const DEADLINE: Duration = Duration::from_secs(10);
+/// How late a restart may be beyond its drawn delay on a busy machine.
+const LATENESS: Duration = Duration::from_millis(250);
+/// Client timeout for the background traffic: long enough that a busy
+/// machine does not fail a request, short enough that a lost reply shows.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// 50, 100, 200, 400, 400 ... ms, ±10 %, ten restarts a minute.
+fn fast_policy() -> BackoffPolicy {
+    BackoffPolicy {
+        base: Duration::from_millis(50),
+        factor: 2.0,
+        cap: Duration::from_millis(400),
+        jitter: 0.1,
+        reset_after: Duration::from_secs(60),
+        budget: RestartBudget {
+            max_restarts: 10,
+            window: Duration::from_secs(60),
+        },
+    }
+}
+
+fn config_for(addresses: &TestAddresses) -> BusConfig {
+    BusConfig::default().addresses(addresses.addresses.clone())
+}
+
+/// A bus on `addresses` with the fast policy, its edges open.
+async fn fast_bus(addresses: &TestAddresses) -> BusHandle {
+    let bus = Bus::builder(config_for(addresses))
+        .restart_policy(fast_policy())
+        .start()
+        .expect("the bus starts");
+    assert!(
+        bus.wait_for_edges(DEADLINE).await,
+        "the edges did not open"
+    );
+    bus
+}
+
+async fn client(url: &str) -> BusClient {
+    let options = ClientOptions::default()
+        .timeout(CLIENT_TIMEOUT)
+        .connect_attempts(5, Duration::from_millis(50));
+    BusClient::connect(url, options)
+        .await
+        .expect("the client connects")
+}
+
+/// Ping `client` until it answers, or fail after the deadline.
+async fn until_pong(client: &BusClient, what: &str) -> u32 {
+    within(what, async {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match client.call("ping", json!({})).await {
+                Ok(pong) if pong["pong"] == json!(true) => return tries,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await
+}
+
+/// What background traffic saw while a fault was going on.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u64,
+    failures: Vec<String>,
+    slowest: Duration,
+}
+
+/// Pings `url` in a loop until `stop` turns true.
+struct Pinger {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Tally>,
+}
+
+impl Pinger {
+    async fn start(url: &str) -> Self {
+        let client = client(url).await;
+        until_pong(&client, "the pinger's first pong").await;
+        let (stop, mut stopped) = watch::channel(false);
+        let task = actix_rt::spawn(async move {
+            let mut tally = Tally::default();
+            while !*stopped.borrow_and_update() {
+                let started = Instant::now();
+                match client.call("ping", json!({})).await {
+                    Ok(pong) if pong["pong"] == json!(true) => tally.ok += 1,
+                    Ok(other) => tally.failures.push(format!("odd reply {other}")),
+                    Err(err) => tally.failures.push(err.to_string()),
+                }
+                tally.slowest = tally.slowest.max(started.elapsed());
+            }
+            tally
+        });
+        Self { stop, task }
+    }
+
+    async fn finish(self) -> Tally {
+        let _ = self.stop.send(true);
+        within("the pinger to stop", self.task)
+            .await
+            .expect("the pinger task does not panic")
+    }
+}
+
+/// Assert that background traffic was served throughout, and print it.
+fn assert_undisturbed(what: &str, tally: &Tally) {
+    eprintln!(
+        "{what}: {} pings answered, {} failed, slowest {} ms",
+        tally.ok,
+        tally.failures.len(),
+        tally.slowest.as_millis()
+    );
+    assert!(tally.failures.is_empty(), "{what}: {:?}", tally.failures);
+    assert!(tally.ok > 0, "{what}: no ping was sent during the faults");
+}
+
+/// Crash `role` once per fault in `faults`, and check that each restart
+/// comes on the schedule of `policy`: attempt `n` draws a delay within the
+/// jitter bounds of `nominal(n)`, and the new instance starts no earlier
+/// than that delay after the supervisor saw the crash, and not much later.
+///
+/// Timed from the supervisor's own crash timestamp: with
+/// `RUST_BACKTRACE=1` the first panic's backtrace alone can take hundreds
+/// of milliseconds to print before the crash is visible.
+async fn crash_on_schedule<A>(
+    name: &str,
+    role: &SupervisedRole<A>,
+    policy: &BackoffPolicy,
+    faults: &[FaultKind],
+) where
+    A: Actor<Context = Context<A>> + Handler<InjectFault>,
+{
+    let restarts_before = role.stats().restarts;
+    for (index, kind) in faults.iter().enumerate() {
+        let attempt = u32::try_from(index).unwrap() + 1;
+        within("a running instance", role.live())
+            .await
+            .expect("the role is open");
+        let before = role.stats().instances;
+        let injected = Instant::now();
+        role.do_send(InjectFault { kind: *kind })
+            .expect("the role takes the fault");
+        let stats = within(
+            "the restart",
+            role.wait_for(|stats| stats.instances > before && stats.state == RoleState::Running),
+        )
+        .await;
+
+        let drawn = stats.last_delay.expect("a restart happened");
+        let crashed_at = stats.last_crash_at.expect("the crash was seen");
+        let took = stats.running_since.expect("an instance runs") - crashed_at;
+        let (shortest, longest) = policy.delay_bounds(attempt);
+        eprintln!(
+            "{name}: {kind:?} -> attempt {}, drawn {} ms (bounds {}..={} ms), \
+             restarted {} ms after the crash was seen, {} ms after injection",
+            stats.attempt,
+            drawn.as_millis(),
+            shortest.as_millis(),
+            longest.as_millis(),
+            took.as_millis(),
+            (stats.running_since.unwrap() - injected).as_millis(),
+        );
+        assert_eq!(stats.attempt, attempt, "{name}: {stats:?}");
+        assert_eq!(stats.restarts, restarts_before + u64::from(attempt));
+        assert!(
+            (shortest..=longest).contains(&drawn),
+            "{name} attempt {attempt}: drawn {drawn:?} outside {shortest:?}..={longest:?}"
+        );
+        assert!(
+            took >= drawn && took <= drawn + LATENESS,
+            "{name} attempt {attempt}: restarted {took:?} after the crash, delay {drawn:?}"
+        );
+    }
+}
+
+const EVERY_FAULT: [FaultKind; 3] = [FaultKind::Panic, FaultKind::Stop, FaultKind::PanicInTimer];
+
+#[actix_rt::test]
+async fn the_command_router_comes_back_on_schedule_while_the_data_bus_serves() {
+    let addresses = TestAddresses::new();
+    let bus = fast_bus(&addresses).await;
+    let pinger = Pinger::start(&addresses.addresses.data).await;
+
+    crash_on_schedule(
+        "command router",
+        bus.command_router(),
+        &fast_policy(),
+        &EVERY_FAULT,
+    )
+    .await;
+
+    assert_undisturbed("data bus during command router crashes", &pinger.finish().await);
+    let command = client(&addresses.addresses.command).await;
+    until_pong(&command, "the restarted command router").await;
+    bus.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_data_router_comes_back_on_schedule_while_the_command_bus_serves() {
+    let addresses = TestAddresses::new();
+    let bus = fast_bus(&addresses).await;
+    let pinger = Pinger::start(&addresses.addresses.command).await;
+
+    crash_on_schedule("data router", bus.data_router(), &fast_policy(), &EVERY_FAULT).await;
+
+    assert_undisturbed("command bus during data router crashes", &pinger.finish().await);
+    let data = client(&addresses.addresses.data).await;
+    until_pong(&data, "the restarted data router").await;
+    bus.shutdown().await;
+}
+
+fn rep_edge(bus: &BusHandle, role: &str) -> SupervisedRole<EdgeActor<RepEdge>> {
+    bus.edge_role::<RepEdge>(role)
+        .unwrap_or_else(|| panic!("the bus has a {role} role"))
+}
+
+#[actix_rt::test]
+async fn the_command_edge_comes_back_on_schedule_and_serves_while_the_data_bus_serves() {
+    let addresses = TestAddresses::new();
+    let bus = fast_bus(&addresses).await;
+    let pinger = Pinger::start(&addresses.addresses.data).await;
+    let command = client(&addresses.addresses.command).await;
+    let edge = rep_edge(&bus, "command-edge");
+
+    crash_on_schedule("command edge", &edge, &fast_policy(), &EVERY_FAULT).await;
+
+    let tries = until_pong(&command, "the reopened command edge").await;
+    eprintln!("command edge: the old client got a pong after {tries} tries");
+    assert_undisturbed("data bus during command edge crashes", &pinger.finish().await);
+    assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
+    bus.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_data_edge_comes_back_on_schedule_and_serves_while_the_command_bus_serves() {
+    let addresses = TestAddresses::new();
+    let bus = fast_bus(&addresses).await;
+    let pinger = Pinger::start(&addresses.addresses.command).await;
+    let data = client(&addresses.addresses.data).await;
+    let edge = rep_edge(&bus, "data-edge");
+
+    crash_on_schedule("data edge", &edge, &fast_policy(), &EVERY_FAULT).await;
+
+    let tries = until_pong(&data, "the reopened data edge").await;
+    eprintln!("data edge: the old client got a pong after {tries} tries");
+    assert_undisturbed("command bus during data edge crashes", &pinger.finish().await);
+    assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
+    bus.shutdown().await;
+}
+
+/// Forwards every event it is given to a channel.
+struct Recorder {
+    events: mpsc::UnboundedSender<Arc<Event>>,
+}
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<EventDelivery> for Recorder {
+    type Result = ();
+
+    fn handle(&mut self, delivery: EventDelivery, _: &mut Self::Context) {
+        let _ = self.events.send(delivery.event);
+    }
+}
+
+fn recorder() -> (Recipient<EventDelivery>, mpsc::UnboundedReceiver<Arc<Event>>) {
+    let (events, received) = mpsc::unbounded_channel();
+    (Recorder { events }.start().recipient(), received)
+}
+
+/// Publish numbered `trade.signal` events tagged `round` until one comes
+/// out of `received`; returns how many were published.
+async fn until_event_flows(
+    bus: &BusHandle,
+    received: &mut mpsc::UnboundedReceiver<Arc<Event>>,
+    round: &str,
+) -> u32 {
+    within("an event to come through", async {
+        let mut published = 0;
+        loop {
+            published += 1;
+            let data = json!({"round": round, "n": published});
+            bus.publish(Event::new("trade.signal", "bus_faults", data));
+            let arrived = tokio::time::timeout(Duration::from_millis(50), async {
+                loop {
+                    let event = received.recv().await.expect("the recorder lives");
+                    if event.data["round"] == json!(round) {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if arrived.is_ok() {
+                return published;
+            }
+        }
+    })
+    .await
+}
+
+#[actix_rt::test]
+async fn the_publisher_comes_back_on_schedule_and_events_flow_again_locally_and_remotely() {
+    let addresses = TestAddresses::new();
+    let bus = fast_bus(&addresses).await;
+    let (local, mut local_events) = recorder();
+    bus.subscribe("trade.*", local).unwrap();
+    let (remote, mut remote_events) = recorder();
+    let settings = SubEdgeSettings::new(
+        addresses.addresses.event.clone(),
+        Pattern::parse("trade.*").unwrap(),
+    );
+    let sub = SubEdge::dial(settings, remote).unwrap();
+    until_event_flows(&bus, &mut remote_events, "before").await;
+    let command = Pinger::start(&addresses.addresses.command).await;
+    let data = Pinger::start(&addresses.addresses.data).await;
+
+    crash_on_schedule("publisher", bus.publisher(), &fast_policy(), &EVERY_FAULT).await;
+
+    assert_undisturbed("command bus during publisher crashes", &command.finish().await);
+    assert_undisturbed("data bus during publisher crashes", &data.finish().await);
+    let local_tries = until_event_flows(&bus, &mut local_events, "after").await;
+    let remote_tries = until_event_flows(&bus, &mut remote_events, "after-remote").await;
+    eprintln!(
+        "publisher: after the restarts the first event reached the local \
+         subscriber after {local_tries} publish(es), the remote one after {remote_tries}"
+    );
+    sub.close();
+    bus.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_event_edge_comes_back_on_schedule_and_remote_subscribers_hear_again() {
+    let addresses = TestAddresses::new();
+    let bus = fast_bus(&addresses).await;
+    let (remote, mut remote_events) = recorder();
+    let settings = SubEdgeSettings::new(
+        addresses.addresses.event.clone(),
+        Pattern::parse("trade.*").unwrap(),
+    );
+    let sub = SubEdge::dial(settings, remote).unwrap();
+    until_event_flows(&bus, &mut remote_events, "before").await;
+    let pinger = Pinger::start(&addresses.addresses.command).await;
+    let edge = bus
+        .edge_role::<PubEdge>("event-edge")
+        .expect("the bus has an event edge");
+
+    crash_on_schedule("event edge", &edge, &fast_policy(), &EVERY_FAULT).await;
+
+    let tries = until_event_flows(&bus, &mut remote_events, "after").await;
+    eprintln!("event edge: the old subscriber heard again after {tries} publish(es)");
+    assert_undisturbed("command bus during event edge crashes", &pinger.finish().await);
+    assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
+    sub.close();
+    bus.shutdown().await;
+}
+
+/// Records every event on `pattern` published into `bus`.
+fn record(bus: &BusHandle, pattern: &str) -> mpsc::UnboundedReceiver<Arc<Event>> {
+    let (recipient, received) = recorder();
+    bus.subscribe(pattern, recipient).expect("a valid pattern");
+    received
+}
+
+#[actix_rt::test]
+async fn a_role_past_its_restart_budget_is_given_up_reported_and_fatal_while_the_rest_serves() {
+    let addresses = TestAddresses::new();
+    let policy = BackoffPolicy {
+        budget: RestartBudget {
+            max_restarts: 2,
+            window: Duration::from_secs(60),
+        },
+        ..fast_policy()
+    };
+    let bus = Bus::builder(config_for(&addresses))
+        .restart_policy(policy.clone())
+        .start()
+        .expect("the bus starts");
+    assert!(bus.wait_for_edges(DEADLINE).await);
+    let mut alerts = record(&bus, "system.alert");
+    let pinger = Pinger::start(&addresses.addresses.command).await;
+    let data = client(&addresses.addresses.data).await;
+
+    crash_on_schedule(
+        "data router",
+        bus.data_router(),
+        &policy,
+        &[FaultKind::Panic, FaultKind::Stop],
+    )
+    .await;
+    let last_crash = Instant::now();
+    bus.data_router()
+        .do_send(InjectFault {
+            kind: FaultKind::Panic,
+        })
+        .expect("the third fault is taken");
+    let gone = within("the fatal report", bus.fatal()).await;
+    eprintln!(
+        "budget: data router given up {} ms after its third crash was injected",
+        last_crash.elapsed().as_millis()
+    );
+
+    assert_eq!(gone, "data");
+    let stats = bus.data_router().stats();
+    assert!(stats.gave_up(), "{stats:?}");
+    assert_eq!((stats.restarts, stats.instances), (2, 3));
+    let give_up = within("the give-up alert", async {
+        loop {
+            let alert = alerts.recv().await.expect("the recorder lives");
+            if alert.data["gave_up"] == json!(true) {
+                return alert;
+            }
+        }
+    })
+    .await;
+    assert_eq!(give_up.data["role"], "data");
+    assert_eq!(give_up.data["restarts"], 2);
+
+    let refused = data.call("ping", json!({})).await.unwrap_err();
+    eprintln!("budget: a data request after the give-up gets: {refused}");
+    assert!(
+        matches!(&refused, ClientError::Remote { code, .. } if code == "shutting_down"),
+        "{refused}"
+    );
+    let command = client(&addresses.addresses.command).await;
+    let status = command.call("status", json!({})).await.unwrap();
+    assert_eq!(
+        status["roles"]["data"]["supervision"]["state"], "gave_up",
+        "{status}"
+    );
+    assert_undisturbed("command bus while the data router gave up", &pinger.finish().await);
+    bus.shutdown().await;
+}
