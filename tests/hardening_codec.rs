@@ -19,15 +19,19 @@ mod common;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dgbit_bus::client::{BusClient, ClientOptions};
 use dgbit_bus::wire::{code, CommandReply, CommandRequest, Echo, Event, JobMessage, Priority};
+use nng::options::Options as _;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use serde_json::{json, Map, Value};
 
-use common::{ServeProcess, TestAddresses};
+use common::{bus_command, TestAddresses};
 
 /// Cases per pure codec property.
 const CODEC_CASES: u32 = 512;
@@ -820,33 +824,54 @@ fn the_deepest_accepted_payload_is_echoed_back_on_a_small_stack() {
 // Against a live bus
 // ---------------------------------------------------------------------------
 
-/// A `dgbit-bus serve` child and a client of its command socket.
+/// A `dgbit-bus serve` child and a client of its command socket. The
+/// child keeps its dead letters in the test's temp dir.
 struct LiveBus {
-    _addresses: TestAddresses,
-    serve: RefCell<ServeProcess>,
+    addresses: TestAddresses,
+    serve: RefCell<ServeChild>,
     client: BusClient,
     runtime: tokio::runtime::Runtime,
+}
+
+/// The serve process, killed when dropped.
+struct ServeChild {
+    child: Child,
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl LiveBus {
     fn start() -> LiveBus {
         let addresses = TestAddresses::new();
         let limit = LIVE_MAX_MESSAGE.to_string();
-        let serve = ServeProcess::start(&addresses.addresses, &["--max-message-size", &limit]);
+        let child = bus_command(&addresses.addresses)
+            .args(["serve", "--max-message-size", &limit])
+            .env("XDG_STATE_HOME", addresses.path())
+            .env(
+                "DGBIT_DEAD_LETTER_PATH",
+                addresses.path().join("dead.sqlite"),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("dgbit-bus serve starts");
+        let serve = RefCell::new(ServeChild { child });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        let options = ClientOptions::default()
-            .timeout(Duration::from_secs(10))
-            .connect_attempts(5, Duration::from_millis(50));
+        let options = ClientOptions::default().timeout(Duration::from_secs(10));
         let url = addresses.addresses.command.clone();
-        let client = runtime
-            .block_on(BusClient::connect(&url, options))
-            .expect("client connects");
+        let client = BusClient::connect_lazy(&url, options).expect("a valid url");
+        let pong = runtime.block_on(client.call("ping", json!({})));
+        assert!(pong.is_ok(), "dgbit-bus serve did not answer: {pong:?}");
         LiveBus {
-            _addresses: addresses,
-            serve: RefCell::new(serve),
+            addresses,
+            serve,
             client,
             runtime,
         }
@@ -977,4 +1002,262 @@ fn every_event_and_job_corpus_file_gets_its_named_outcome_from_the_codec() {
         }
     }
     eprintln!("event and job corpus: {replayed} files replayed");
+}
+
+// ---------------------------------------------------------------------------
+// The event bus and job queue commands
+// ---------------------------------------------------------------------------
+
+/// The commands through which remote peers reach the event bus, the job
+/// queue and the dead letter queue.
+const BUS_COMMANDS: [&str; 10] = [
+    "bus.publish",
+    "bus.enqueue",
+    "bus.lease",
+    "bus.report",
+    "bus.cancel",
+    "bus.jobs",
+    "bus.dlq.list",
+    "bus.dlq.show",
+    "bus.dlq.replay",
+    "bus.dlq.purge",
+];
+
+/// Every payload key those commands read.
+const BUS_PAYLOAD_KEYS: [&str; 24] = [
+    "event_type",
+    "data",
+    "source",
+    "correlation_id",
+    "timestamp",
+    "job_id",
+    "job_type",
+    "payload",
+    "priority",
+    "max_retries",
+    "created_at",
+    "retry_count",
+    "worker",
+    "job_types",
+    "wait_ms",
+    "lease_id",
+    "state",
+    "progress",
+    "result",
+    "error",
+    "id",
+    "all",
+    "offset",
+    "limit",
+];
+
+/// `[[...[1]...]]`, `depth` levels, built without recursion.
+fn nested_arrays(depth: usize) -> Value {
+    (0..depth).fold(json!(1), |inner, _| json!([inner]))
+}
+
+/// Values that stress a field: wrong types, out-of-range numbers, empty and
+/// long strings, topic-like text, nesting up to the request limit.
+fn hostile_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        json_value(),
+        prop::sample::select(vec![
+            json!(-1),
+            json!(1e300),
+            json!(u64::MAX),
+            json!(3.5),
+            json!(""),
+            json!(true),
+            json!(null),
+            json!([]),
+            json!({}),
+            json!("*"),
+            json!("job.*"),
+            json!("completed"),
+            json!("failed"),
+        ]),
+        "[a-z.*]{0,12}".prop_map(Value::from),
+        (0u64..20).prop_map(Value::from),
+        (1usize..120).prop_map(nested_arrays),
+        (1000usize..100_000).prop_map(|n| Value::from("x".repeat(n))),
+    ]
+}
+
+/// A plausible payload for `command`, so that hostile values also reach the
+/// checks past the first required field.
+fn plausible_payload(command: &str, job_id: &str) -> Map<String, Value> {
+    let value = match command {
+        "bus.publish" => json!({"event_type": "trade.signal", "data": {"symbol": "EURUSD"}}),
+        "bus.enqueue" => json!({"job_type": "hostile", "payload": {"n": 1}}),
+        "bus.lease" => json!({"worker": "hostile-worker", "wait_ms": 0}),
+        "bus.report" => json!({"worker": "hostile-worker", "job_id": job_id, "state": "failed"}),
+        "bus.cancel" => json!({"job_id": job_id}),
+        "bus.dlq.show" | "bus.dlq.replay" | "bus.dlq.purge" => json!({"id": job_id}),
+        _ => json!({}),
+    };
+    match value {
+        Value::Object(map) => map,
+        _ => unreachable!("every payload above is an object"),
+    }
+}
+
+/// A `bus.*` request with a plausible payload that has up to four keys
+/// replaced or added with hostile values.
+fn bus_request() -> impl Strategy<Value = Value> {
+    let edits = prop::collection::vec(
+        (
+            prop::sample::select(BUS_PAYLOAD_KEYS.to_vec()),
+            hostile_value(),
+        ),
+        0..5,
+    );
+    (
+        prop::sample::select(BUS_COMMANDS.to_vec()),
+        ".{0,36}",
+        edits,
+    )
+        .prop_map(|(command, job_id, edits)| {
+            let mut payload = plausible_payload(command, &job_id);
+            for (key, value) in edits {
+                // A long lease wait is legitimate, not hostile: keep the
+                // cases quick.
+                let value = match (key, value.as_u64()) {
+                    ("wait_ms", Some(ms)) if ms > 20 => json!(0),
+                    _ => value,
+                };
+                payload.insert(key.to_string(), value);
+            }
+            json!({"command": command, "payload": payload})
+        })
+}
+
+/// Everything a SUB socket receives from the bus's event address while it
+/// runs: how many events came, and each body that broke dgbit's contract.
+struct EventWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl EventWatch {
+    fn start(url: &str) -> EventWatch {
+        let socket = nng::Socket::new(nng::Protocol::Sub0).expect("a SUB socket");
+        socket
+            .set_opt::<nng::options::protocol::pubsub::Subscribe>(Vec::new())
+            .expect("subscribe to everything");
+        socket
+            .set_opt::<nng::options::RecvTimeout>(Some(Duration::from_millis(100)))
+            .expect("a receive timeout");
+        socket.dial(url).expect("dial the event address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut seen, mut broken) = (0, Vec::new());
+            loop {
+                match socket.recv() {
+                    Ok(body) => {
+                        seen += 1;
+                        if let Err(problem) = check_event(&body) {
+                            broken.push(problem);
+                        }
+                    }
+                    Err(_) if stopping.load(Ordering::Acquire) => break,
+                    Err(_) => {}
+                }
+            }
+            (seen, broken)
+        });
+        EventWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop once the socket has been quiet for a moment; what it saw.
+    fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.take().expect("finished once");
+        thread.join().expect("the watcher did not panic")
+    }
+}
+
+/// An event body as dgbit's Python `Event(**json)` needs it: compact, the
+/// five keys at most, `event_type` first.
+fn check_event(body: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(body);
+    let event = Event::decode(body, 0).map_err(|err| format!("{err}: {text}"))?;
+    if !text.starts_with("{\"event_type\":") {
+        return Err(format!("event_type is not first: {text}"));
+    }
+    if event.event_type.is_empty() {
+        return Err(format!("empty event_type: {text}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn hostile_event_and_job_queue_commands_get_coded_replies_and_events_keep_their_shape() {
+    let bus = LiveBus::start();
+    let watch = EventWatch::start(&bus.addresses.addresses.event);
+    let mut runner = TestRunner::new(config(LIVE_CASES));
+    let outcomes = RefCell::new(BTreeMap::<String, usize>::new());
+    let result = runner.run(&bus_request(), |request| {
+        let body = serde_json::to_vec(&request).expect("serialises");
+        let raw = bus.send(&body);
+        let reply = CommandReply::decode(&raw).map_err(|err| {
+            TestCaseError::fail(format!("malformed reply {}: {err}", preview(&raw)))
+        })?;
+        let command = request["command"].as_str().unwrap_or_default();
+        let outcome = reply.code().unwrap_or("ok").to_string();
+        if let Some(code) = reply.code() {
+            prop_assert!(
+                KNOWN_CODES.contains(&code),
+                "{command} answered an unknown code: {}",
+                preview(&raw)
+            );
+        }
+        *outcomes
+            .borrow_mut()
+            .entry(format!("{command} {outcome}"))
+            .or_default() += 1;
+        let pong = CommandReply::decode(&bus.send(br#"{"command": "ping"}"#)).unwrap();
+        prop_assert!(pong.is_ok(), "ping after {} failed", preview(&body));
+        Ok(())
+    });
+    let alive = bus.serve.borrow_mut().child.try_wait().unwrap().is_none();
+    let (events, broken) = watch.finish();
+    eprintln!(
+        "hostile bus.* commands: {:?}; {events} events seen by a SUB peer, {} broken",
+        outcomes.borrow(),
+        broken.len()
+    );
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+    assert!(alive, "dgbit-bus serve exited");
+    assert!(
+        broken.is_empty(),
+        "events that break dgbit's contract: {broken:?}"
+    );
+    assert!(events > 0, "no event reached the SUB peer");
+}
+
+#[test]
+fn every_bus_corpus_file_gets_its_named_reply_from_a_live_bus() {
+    let files = corpus("bus");
+    assert!(!files.is_empty(), "the bus corpus is empty");
+    let bus = LiveBus::start();
+    for (name, expected, body) in &files {
+        let raw = bus.send(body);
+        let reply = CommandReply::decode(&raw)
+            .unwrap_or_else(|err| panic!("{name}: malformed reply {}: {err}", preview(&raw)));
+        assert_eq!(
+            reply.code(),
+            expected.as_deref(),
+            "{name}: {}",
+            preview(&raw)
+        );
+        let pong = CommandReply::decode(&bus.send(br#"{"command": "ping"}"#)).unwrap();
+        assert!(pong.is_ok(), "ping after {name}");
+    }
+    eprintln!("bus corpus: {} files replayed", files.len());
 }
