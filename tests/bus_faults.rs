@@ -24,10 +24,12 @@ use dgbit_bus::edge::listener::EdgeActor;
 use dgbit_bus::edge::publish::PubEdge;
 use dgbit_bus::edge::rep::RepEdge;
 use dgbit_bus::edge::subscribe::{SubEdge, SubEdgeSettings};
-use dgbit_bus::message::{EventDelivery, StatsQuery};
+use dgbit_bus::message::{Command, EventDelivery, HandlerError, StatsQuery};
+use dgbit_bus::router::FnHandler;
 use dgbit_bus::supervisor::{FaultKind, InjectFault, RoleState, SupervisedRole};
 use dgbit_bus::topics::Pattern;
-use dgbit_bus::wire::Event;
+use dgbit_bus::wire::{CommandRequest, Event};
+use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -476,4 +478,185 @@ async fn a_role_past_its_restart_budget_is_given_up_reported_and_fatal_while_the
     );
     assert_undisturbed("command bus while the data router gave up", &pinger.finish().await);
     bus.shutdown().await;
+}
+
+/// A supervised handler: panics when the payload asks it to, otherwise
+/// names its instance.
+struct Flaky {
+    instance: u64,
+}
+
+impl Actor for Flaky {
+    type Context = Context<Self>;
+}
+
+impl Handler<Command> for Flaky {
+    type Result = Result<Value, HandlerError>;
+
+    fn handle(&mut self, command: Command, _: &mut Self::Context) -> Self::Result {
+        let payload = &command.request.payload;
+        if payload.get("panic") == Some(&json!(true)) {
+            panic!("flaky was asked to panic");
+        }
+        Ok(json!({"instance": self.instance, "n": payload.get("n")}))
+    }
+}
+
+fn flaky_factory() -> impl Fn() -> Flaky + Send + 'static {
+    let built = Arc::new(AtomicU64::new(0));
+    move || Flaky {
+        instance: built.fetch_add(1, Ordering::SeqCst) + 1,
+    }
+}
+
+fn square_handler() -> Recipient<Command> {
+    FnHandler::new(|command: Command| -> Result<Value, HandlerError> {
+        let n = command.request.payload.get("n").and_then(Value::as_u64);
+        let n = n.ok_or_else(|| HandlerError::bad_request("`n` must be a number"))?;
+        Ok(json!({"square": n * n}))
+    })
+    .start()
+    .recipient()
+}
+
+/// The `i`th of the background commands and the result it must get.
+fn command_number(i: u64) -> (&'static str, Value, Value) {
+    if i % 2 == 0 {
+        ("square", json!({"n": i}), json!({"square": i * i}))
+    } else {
+        ("echo", json!({"n": i}), json!({"echo": {"n": i}}))
+    }
+}
+
+#[actix_rt::test]
+async fn a_panicking_handler_fails_only_its_command_while_a_thousand_around_it_are_answered() {
+    const CLIENTS: u64 = 4;
+    const PER_CLIENT: u64 = 250;
+    const CONCURRENCY: usize = 10;
+    let addresses = TestAddresses::new();
+    // The policy first: `supervised_command` takes the policy set so far.
+    let bus = Bus::builder(config_for(&addresses))
+        .restart_policy(fast_policy())
+        .supervised_command("flaky", flaky_factory())
+        .command("square", square_handler())
+        .start()
+        .expect("the bus starts");
+    assert!(bus.wait_for_edges(DEADLINE).await);
+    let url = addresses.addresses.command.clone();
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+
+    let mut senders = Vec::new();
+    for c in 0..CLIENTS {
+        let (client, done) = (client(&url).await, done.clone());
+        senders.push(actix_rt::spawn(async move {
+            let numbers = (c * PER_CLIENT)..((c + 1) * PER_CLIENT);
+            let calls = futures::stream::iter(numbers).map(|i| {
+                let (client, done) = (&client, &done);
+                async move {
+                    let (name, payload, expected) = command_number(i);
+                    let outcome = client.call(name, payload).await;
+                    done.fetch_add(1, Ordering::SeqCst);
+                    match outcome {
+                        Ok(result) if result == expected => None,
+                        other => Some(format!("{i} {name}: {other:?}")),
+                    }
+                }
+            });
+            let wrong: Vec<String> = calls
+                .buffer_unordered(CONCURRENCY)
+                .filter_map(|wrong| async move { wrong })
+                .collect()
+                .await;
+            wrong
+        }));
+    }
+
+    // The panic goes in while the thousand are in full flow.
+    let panicker = client(&url).await;
+    within("a third of the commands", async {
+        while done.load(Ordering::SeqCst) < CLIENTS * PER_CLIENT / 3 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    let panic_sent = Instant::now();
+    let err = panicker
+        .call("flaky", json!({"panic": true}))
+        .await
+        .unwrap_err();
+    let panic_answered = panic_sent.elapsed();
+    assert!(
+        matches!(&err, ClientError::Remote { code, .. } if code == "handler_failed"),
+        "{err}"
+    );
+    let in_flow = done.load(Ordering::SeqCst);
+
+    // The next command to the handler reaches a fresh instance once its
+    // restart delay has passed; until then it is refused, not queued.
+    let mut refused = 0;
+    let next = within("the restarted handler", async {
+        loop {
+            match panicker.call("flaky", json!({"n": 7})).await {
+                Ok(result) => return result,
+                Err(ClientError::Remote { code, .. }) if code == "handler_failed" => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(other) => panic!("unexpected {other}"),
+            }
+        }
+    })
+    .await;
+    let back_after = panic_sent.elapsed();
+    assert_eq!(next, json!({"instance": 2, "n": 7}));
+
+    let mut wrong = Vec::new();
+    for sender in senders {
+        wrong.extend(within("the clients", sender).await.unwrap());
+    }
+    let total = CLIENTS * PER_CLIENT;
+    eprintln!(
+        "handler panic: {total} commands from {CLIENTS} clients ({CONCURRENCY} in flight each) \
+         in {} ms, {} wrong; the panic was answered handler_failed in {} ms with {in_flow} \
+         done; the handler served again {} ms after the panic ({refused} refusals meanwhile)",
+        started.elapsed().as_millis(),
+        wrong.len(),
+        panic_answered.as_millis(),
+        back_after.as_millis(),
+    );
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert!(
+        in_flow < total,
+        "the panic came after the thousand were done"
+    );
+    bus.shutdown().await;
+}
+
+/// Documents what "fails only its command" means with actix mailboxes: a
+/// command already queued for the handler when it panics dies with that
+/// mailbox, and is answered `handler_failed` rather than silently lost.
+#[actix_rt::test]
+async fn a_command_queued_behind_a_panicking_handler_is_answered_handler_failed() {
+    let bus = Bus::builder(BusConfig::in_process())
+        .restart_policy(fast_policy())
+        .supervised_command("flaky", flaky_factory())
+        .start()
+        .expect("the bus starts");
+    let panic = CommandRequest::new("flaky", json!({"panic": true}));
+    let queued = CommandRequest::new("flaky", json!({"n": 1}));
+
+    // Both reach the router in one turn, so both are in the handler's
+    // mailbox before it runs.
+    let (first, second) = within("both replies", async {
+        tokio::join!(bus.request(panic), bus.request(queued))
+    })
+    .await;
+
+    assert_eq!(first.code(), Some("handler_failed"), "{first:?}");
+    assert_eq!(second.code(), Some("handler_failed"), "{second:?}");
+    eprintln!(
+        "queued behind a panic: {}",
+        second.to_value()["error"].as_str().unwrap_or_default()
+    );
 }
