@@ -60,6 +60,8 @@ impl Serve {
             .env("NNG_JOB_QUEUE_ADDRESS", &addresses.job_queue)
             .env("NNG_DATA_ADDRESS", &addresses.data)
             .env("RUST_LOG", "info")
+            .env("XDG_STATE_HOME", dir)
+            .env("DGBIT_DEAD_LETTER_PATH", dir.join("dead.sqlite"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("a log file"))
             .spawn()
@@ -1151,6 +1153,331 @@ fn raw_garbage_on_the_ipc_command_socket_does_not_disturb_other_peers() {
         "raw ipc peers: {report:?}; fds {start_fds} -> {end_fds}; bus warnings {:?}",
         serve.warnings()
     );
+    assert!(end_fds <= start_fds, "fds {start_fds} -> {end_fds}");
+    assert!(serve.alive());
+}
+
+// ---------------------------------------------------------------------------
+// The event bus and the job queue
+// ---------------------------------------------------------------------------
+
+/// A SUB peer of the event address, subscribed to `prefix`.
+fn subscriber(url: &str, prefix: &[u8]) -> Socket {
+    let socket = Socket::new(Protocol::Sub0).unwrap();
+    socket
+        .set_opt::<nng::options::protocol::pubsub::Subscribe>(prefix.to_vec())
+        .unwrap();
+    socket
+        .set_opt::<RecvTimeout>(Some(Duration::from_millis(200)))
+        .unwrap();
+    socket.dial(url).unwrap();
+    socket
+}
+
+fn publish(peer: &Peer, n: usize, pad: usize) -> Result<Value, String> {
+    peer.send_json(&json!({
+        "command": "bus.publish",
+        "payload": {"event_type": "trade.signal", "data": {"n": n, "pad": "x".repeat(pad)}},
+    }))
+}
+
+#[test]
+fn fifty_subscribers_over_ipc_each_receive_every_event_and_fds_return_to_baseline() {
+    let addresses = TestAddresses::new();
+    let mut serve = Serve::start(addresses.path(), &addresses.addresses, &[]);
+    let start_fds = serve.quiet_fds();
+    let (subscribers, events) = (50, 100);
+
+    let subscribed = Arc::new(Barrier::new(subscribers + 1));
+    let threads: Vec<_> = (0..subscribers)
+        .map(|_| {
+            let (url, subscribed) = (addresses.addresses.event.clone(), subscribed.clone());
+            std::thread::spawn(move || -> Result<usize, String> {
+                let socket = subscriber(&url, br#"{"event_type":"trade.signal""#);
+                subscribed.wait();
+                let mut seen = 0;
+                let deadline = Instant::now() + REPLY_LIMIT;
+                while seen < events && Instant::now() < deadline {
+                    let Ok(body) = socket.recv() else { continue };
+                    let event = dgbit_bus::wire::Event::decode(&body, 0)
+                        .map_err(|err| format!("{err}: {}", String::from_utf8_lossy(&body)))?;
+                    if event.data["n"] != seen {
+                        return Err(format!("event {seen} arrived as {}", event.data["n"]));
+                    }
+                    seen += 1;
+                }
+                Ok(seen)
+            })
+        })
+        .collect();
+    subscribed.wait();
+    let mut peak_fds = serve.fds();
+    wait_until(REPLY_LIMIT, || {
+        peak_fds = serve.fds();
+        peak_fds >= start_fds + subscribers
+    });
+
+    let peer = Peer::dial(&addresses.addresses.command).unwrap();
+    let started = Instant::now();
+    for n in 0..events {
+        let reply = publish(&peer, n, 16).unwrap();
+        assert_eq!(reply["status"], "ok", "{reply}");
+    }
+    let counts: Vec<usize> = threads
+        .into_iter()
+        .map(|thread| thread.join().unwrap().unwrap())
+        .collect();
+    let elapsed = started.elapsed();
+    drop(peer);
+    let end_fds = serve.fds_settle_to(start_fds);
+    eprintln!(
+        "{subscribers} SUB peers, {events} events in {elapsed:?}: received {:?}..; fds {start_fds} \
+         -> peak {peak_fds} -> {end_fds}",
+        &counts[..5]
+    );
+    assert!(
+        peak_fds >= start_fds + subscribers,
+        "the subscribers never all connected"
+    );
+    assert!(
+        counts.iter().all(|&count| count == events),
+        "counts {counts:?}"
+    );
+    assert!(end_fds <= start_fds, "fds {start_fds} -> {end_fds}");
+    assert!(serve.alive());
+}
+
+#[test]
+fn past_the_queue_capacity_enqueue_is_refused_overloaded_at_once() {
+    let addresses = TestAddresses::new();
+    let capacity = 50;
+    let config = BusConfig {
+        queue_capacity: capacity,
+        ..BusConfig::default().addresses(addresses.addresses.clone())
+    };
+    let _bus = BusThread::start(config, Vec::new);
+    let peer = Peer::dial(&addresses.addresses.command).unwrap();
+
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    let mut slowest = Duration::ZERO;
+    for n in 0..capacity + 20 {
+        let started = Instant::now();
+        let reply = peer
+            .send_json(&json!({"command": "bus.enqueue", "payload": {"job_type": "nobody-runs-this", "payload": {"n": n}}}))
+            .unwrap();
+        slowest = slowest.max(started.elapsed());
+        let outcome = reply["code"].as_str().unwrap_or("ok").to_string();
+        *codes.entry(outcome).or_default() += 1;
+    }
+    let jobs = peer.send_json(&json!({"command": "bus.jobs"})).unwrap();
+    eprintln!(
+        "queue capacity {capacity}: {} enqueues -> {codes:?}, slowest {slowest:?}; bus.jobs {}",
+        capacity + 20,
+        jobs["result"]
+    );
+    assert_eq!(codes.get("ok"), Some(&capacity));
+    assert_eq!(codes.get(code::OVERLOADED), Some(&20));
+    assert!(
+        slowest < Duration::from_secs(1),
+        "an enqueue waited {slowest:?}"
+    );
+    peer.ping().unwrap();
+}
+
+/// Flood the event and job sockets for `SOAK` and check that resident
+/// memory levels off: events go to a SUB peer that reads and one that never
+/// does; each job peer enqueues a job and then pulls one as a PULL peer, so
+/// the queue stays short and everything else the dispatcher keeps per job
+/// would show as growth.
+#[test]
+fn a_flood_of_events_and_jobs_levels_off_in_resident_memory() {
+    let addresses = TestAddresses::new();
+    let mut serve = Serve::start(addresses.path(), &addresses.addresses, &[]);
+    let start_rss = serve.rss_kib();
+    let start_fds = serve.quiet_fds();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (published, jobs) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+
+    let _deaf = subscriber(&addresses.addresses.event, b"");
+    let reader = {
+        let (url, stop) = (addresses.addresses.event.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let socket = subscriber(&url, b"");
+            let mut seen = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                if socket.recv().is_ok() {
+                    seen += 1;
+                }
+            }
+            seen
+        })
+    };
+    let mut floods = Vec::new();
+    for _ in 0..2 {
+        let (url, stop, published) = (
+            addresses.addresses.command.clone(),
+            stop.clone(),
+            published.clone(),
+        );
+        floods.push(std::thread::spawn(move || -> Result<(), String> {
+            let peer = Peer::dial(&url).map_err(|err| err.to_string())?;
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 10_000_000 {
+                publish(&peer, n, 512)?;
+                n += 1;
+                published.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    for worker in 0..2 {
+        let (command, queue) = (
+            addresses.addresses.command.clone(),
+            addresses.addresses.job_queue.clone(),
+        );
+        let (stop, jobs) = (stop.clone(), jobs.clone());
+        floods.push(std::thread::spawn(move || -> Result<(), String> {
+            let peer = Peer::dial(&command).map_err(|err| err.to_string())?;
+            let pull = Socket::new(Protocol::Pull0).map_err(|err| err.to_string())?;
+            pull.set_opt::<RecvTimeout>(Some(REPLY_LIMIT)).map_err(|err| err.to_string())?;
+            pull.dial(&queue).map_err(|err| err.to_string())?;
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 10_000_000 {
+                let body = json!({"command": "bus.enqueue", "payload": {"job_type": "soak", "payload": {"worker": worker, "n": n, "pad": "x".repeat(256)}}});
+                let reply = peer.send_json(&body)?;
+                if reply["status"] != "ok" {
+                    return Err(format!("enqueue refused: {reply}"));
+                }
+                let job = pull.recv().map_err(|err| format!("pull: {err}"))?;
+                dgbit_bus::wire::JobMessage::decode(&job, 0).map_err(|err| err.to_string())?;
+                n += 1;
+                jobs.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+
+    let warm_up = Instant::now();
+    wait_until(Duration::from_secs(3), || false);
+    let warm_rss = serve.rss_kib();
+    let warm_counts = (
+        published.load(Ordering::Relaxed),
+        jobs.load(Ordering::Relaxed),
+    );
+    let mut samples = Vec::new();
+    let soak_started = Instant::now();
+    while soak_started.elapsed() < Duration::from_secs(8) {
+        let second = soak_started.elapsed() + Duration::from_secs(1);
+        wait_until(Duration::from_secs(1), || soak_started.elapsed() >= second);
+        samples.push(serve.rss_kib());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for flood in floods {
+        flood.join().unwrap().expect("every flood peer is served");
+    }
+    let events_read = reader.join().unwrap();
+    let status = Peer::dial(&addresses.addresses.command)
+        .unwrap()
+        .send_json(&json!({"command": "bus.jobs"}))
+        .unwrap();
+    drop(_deaf);
+    let end_fds = serve.fds_settle_to(start_fds);
+    let peak_rss = *samples.iter().max().unwrap();
+    eprintln!(
+        "event and job soak: warm-up {:?} ({} events, {} jobs); then 8 s: {} events published \
+         ({events_read} read by the reading SUB), {} jobs enqueued and pulled; RSS start {:.1} MiB, \
+         after warm-up {:.1} MiB, peak {:.1} MiB; per second {samples:?} KiB; fds {start_fds} -> \
+         {end_fds}; bus.jobs {}",
+        warm_up.elapsed() - soak_started.elapsed(),
+        warm_counts.0,
+        warm_counts.1,
+        published.load(Ordering::Relaxed) - warm_counts.0,
+        jobs.load(Ordering::Relaxed) - warm_counts.1,
+        mib(start_rss),
+        mib(warm_rss),
+        mib(peak_rss),
+        status["result"],
+    );
+    assert!(serve.alive());
+    let allowed = warm_rss + (warm_rss / 4).max(16 * 1024);
+    assert!(
+        peak_rss <= allowed,
+        "RSS {warm_rss} KiB after warm-up -> {peak_rss} KiB"
+    );
+    assert!(end_fds <= start_fds, "fds {start_fds} -> {end_fds}");
+}
+
+#[test]
+fn wrong_protocols_and_raw_garbage_on_the_event_and_queue_addresses_do_not_disturb_their_peers() {
+    let addresses = TestAddresses::new();
+    let mut serve = Serve::start(addresses.path(), &addresses.addresses, &[]);
+    let start_fds = serve.quiet_fds();
+    let events = subscriber(
+        &addresses.addresses.event,
+        br#"{"event_type":"trade.signal""#,
+    );
+    let pull = Socket::new(Protocol::Pull0).unwrap();
+    pull.set_opt::<RecvTimeout>(Some(REPLY_LIMIT)).unwrap();
+    pull.dial(&addresses.addresses.job_queue).unwrap();
+
+    let mut wrong = Vec::new();
+    for url in [&addresses.addresses.event, &addresses.addresses.job_queue] {
+        for protocol in [
+            Protocol::Req0,
+            Protocol::Push0,
+            Protocol::Pub0,
+            Protocol::Rep0,
+        ] {
+            let socket = Socket::new(protocol).unwrap();
+            socket.dial_async(url).unwrap();
+            wrong.push(socket);
+        }
+    }
+    let mut hung_up = Vec::new();
+    for url in [&addresses.addresses.event, &addresses.addresses.job_queue] {
+        for bytes in [
+            b"\x00\x01garbage\xff".repeat(50),
+            sp_header(PUSH0).to_vec(),
+            [
+                sp_header(0x21).as_slice(),
+                &[1u8],
+                &(1u64 << 62).to_be_bytes(),
+            ]
+            .concat(),
+        ] {
+            let mut stream = UnixStream::connect(ipc_path(url)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let _ = stream.write_all(&bytes);
+            hung_up.push(closed_by_peer(&mut stream, Duration::from_secs(12)));
+        }
+    }
+
+    let peer = Peer::dial(&addresses.addresses.command).unwrap();
+    let mut received = 0;
+    for n in 0..20 {
+        publish(&peer, n, 16).unwrap();
+        let enqueued = peer
+            .send_json(&json!({"command": "bus.enqueue", "payload": {"job_type": "garbage-test", "payload": {"n": n}}}))
+            .unwrap();
+        assert_eq!(enqueued["status"], "ok", "{enqueued}");
+        let job = pull.recv().expect("the PULL peer gets its job");
+        dgbit_bus::wire::JobMessage::decode(&job, 0).unwrap();
+        if events.recv().is_ok() {
+            received += 1;
+        }
+    }
+    drop(wrong);
+    drop((events, pull, peer));
+    let end_fds = serve.fds_settle_to(start_fds);
+    eprintln!(
+        "REQ, PUSH, PUB, REP dialing the event and queue addresses, raw garbage hung up {hung_up:?}: \
+         20 jobs pulled, {received}/20 events received; fds {start_fds} -> {end_fds}; bus warnings {:?}",
+        serve.warnings()
+    );
+    assert!(hung_up.iter().all(|&closed| closed), "{hung_up:?}");
+    assert_eq!(received, 20);
     assert!(end_fds <= start_fds, "fds {start_fds} -> {end_fds}");
     assert!(serve.alive());
 }
