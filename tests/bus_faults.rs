@@ -25,12 +25,13 @@ use dgbit_bus::edge::publish::PubEdge;
 use dgbit_bus::edge::rep::RepEdge;
 use dgbit_bus::edge::subscribe::{SubEdge, SubEdgeSettings};
 use dgbit_bus::message::{Command, EventDelivery, HandlerError, StatsQuery};
-use dgbit_bus::router::FnHandler;
+use dgbit_bus::router::{CommandRouter, FnHandler};
 use dgbit_bus::supervisor::{FaultKind, InjectFault, RoleState, SupervisedRole};
 use dgbit_bus::topics::Pattern;
 use dgbit_bus::wire::{CommandRequest, Event};
 use futures::StreamExt;
 use serde_json::{json, Value};
+use nng::options::Options;
 use tokio::sync::{mpsc, watch};
 
 use common::TestAddresses;
@@ -659,4 +660,232 @@ async fn a_command_queued_behind_a_panicking_handler_is_answered_handler_failed(
         "queued behind a panic: {}",
         second.to_value()["error"].as_str().unwrap_or_default()
     );
+}
+
+/// Answers only once `release` turns true: holds commands in flight.
+struct Hold {
+    release: watch::Receiver<bool>,
+}
+
+impl Actor for Hold {
+    type Context = Context<Self>;
+}
+
+impl Handler<Command> for Hold {
+    type Result = ResponseFuture<Result<Value, HandlerError>>;
+
+    fn handle(&mut self, _: Command, _: &mut Self::Context) -> Self::Result {
+        let mut release = self.release.clone();
+        Box::pin(async move {
+            let _ = release.wait_for(|released| *released).await;
+            Ok(json!({"held": true}))
+        })
+    }
+}
+
+async fn router_in_flight(router: &SupervisedRole<CommandRouter>) -> u64 {
+    let stats = router.send(StatsQuery).await.expect("the router answers");
+    stats["in_flight"].as_u64().unwrap_or_default()
+}
+
+#[actix_rt::test]
+async fn requests_in_flight_in_a_crashing_router_get_shutting_down_at_once_not_a_timeout() {
+    const HELD: usize = 20;
+    let addresses = TestAddresses::new();
+    // A long first delay, so a request can be sent while the router is down.
+    let policy = BackoffPolicy {
+        base: Duration::from_millis(300),
+        ..fast_policy()
+    };
+    let (_release, held) = watch::channel(false);
+    let bus = Bus::builder(config_for(&addresses))
+        .restart_policy(policy)
+        .command("hold", Hold { release: held }.start().recipient())
+        .start()
+        .expect("the bus starts");
+    assert!(bus.wait_for_edges(DEADLINE).await);
+    let options = ClientOptions::default().timeout(Duration::from_secs(20));
+    let client = Arc::new(
+        BusClient::connect(&addresses.addresses.command, options)
+            .await
+            .unwrap(),
+    );
+    let calls: Vec<_> = (0..HELD)
+        .map(|_| {
+            let client = client.clone();
+            actix_rt::spawn(async move {
+                let outcome = client.call("hold", json!({})).await;
+                (outcome, Instant::now())
+            })
+        })
+        .collect();
+    within("every held command to reach its handler", async {
+        while router_in_flight(bus.command_router()).await < HELD as u64 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    let injected = Instant::now();
+    bus.command_router()
+        .do_send(InjectFault {
+            kind: FaultKind::Panic,
+        })
+        .unwrap();
+    let mut slowest = Duration::ZERO;
+    for call in calls {
+        let (outcome, answered_at) = within("a held reply", call).await.unwrap();
+        slowest = slowest.max(answered_at - injected);
+        assert!(
+            matches!(&outcome, Err(ClientError::Remote { code, .. }) if code == "shutting_down"),
+            "{outcome:?}"
+        );
+    }
+    within(
+        "the crash to be seen",
+        bus.command_router()
+            .wait_for(|stats| stats.state == RoleState::Restarting),
+    )
+    .await;
+    let during = client.call("ping", json!({})).await.unwrap_err();
+    let tries = until_pong(&client, "the restarted router").await;
+
+    eprintln!(
+        "router crash: {HELD} requests in flight all answered shutting_down, the last \
+         {} ms after the fault (client timeout 20 s); a ping during the restart got \
+         `{during}`; served again after {tries} tries",
+        slowest.as_millis()
+    );
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    assert!(
+        matches!(&during, ClientError::Remote { code, .. } if code == "overloaded"),
+        "{during}"
+    );
+    bus.shutdown().await;
+}
+
+/// Blocks its thread (the bus's arbiter) until released: while it does,
+/// nothing on that arbiter runs, so messages pile up in the router's
+/// mailbox.
+struct BlockArbiter {
+    entered: std::sync::mpsc::Sender<()>,
+    release: std::sync::mpsc::Receiver<()>,
+}
+
+impl Actor for BlockArbiter {
+    type Context = Context<Self>;
+}
+
+impl Handler<Command> for BlockArbiter {
+    type Result = Result<Value, HandlerError>;
+
+    fn handle(&mut self, _: Command, _: &mut Self::Context) -> Self::Result {
+        let _ = self.entered.send(());
+        let _ = self.release.recv_timeout(DEADLINE);
+        Ok(json!({"blocked": true}))
+    }
+}
+
+/// What a raw REQ peer got back, and how long after the router was let go.
+#[derive(Debug)]
+struct RawOutcome {
+    code: Option<String>,
+    after_release: Duration,
+}
+
+#[actix_rt::test]
+async fn requests_queued_in_a_crashing_routers_mailbox_get_shutting_down_not_silence() {
+    const QUEUED: usize = 10;
+    let addresses = TestAddresses::new();
+    let (entered, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release) = std::sync::mpsc::channel();
+    let block = BlockArbiter { entered, release }.start().recipient();
+    let bus = Bus::builder(config_for(&addresses))
+        .restart_policy(fast_policy())
+        .command("block", block)
+        .start()
+        .expect("the bus starts");
+    assert!(bus.wait_for_edges(DEADLINE).await);
+    let url = addresses.addresses.command.clone();
+    let router = bus.command_router().clone();
+    let (outcomes_tx, outcomes) = tokio::sync::oneshot::channel();
+
+    // Raw REQ sockets on a thread of their own: the arbiter will be blocked.
+    let peers = std::thread::spawn(move || {
+        let sockets: Vec<nng::Socket> = (0..QUEUED)
+            .map(|_| {
+                let socket = nng::Socket::new(nng::Protocol::Req0).unwrap();
+                socket.dial(&url).unwrap();
+                socket
+                    .set_opt::<nng::options::RecvTimeout>(Some(DEADLINE))
+                    .unwrap();
+                socket
+            })
+            .collect();
+        entered_rx
+            .recv_timeout(DEADLINE)
+            .expect("the arbiter gets blocked");
+        // The fault first, then the requests: each request the edge hands
+        // over now lands behind the fault in the router's mailbox.
+        router
+            .do_send(InjectFault {
+                kind: FaultKind::Panic,
+            })
+            .unwrap();
+        for (n, socket) in sockets.iter().enumerate() {
+            let body = json!({"command": "echo", "request_id": format!("q{n}")});
+            socket
+                .send(nng::Message::from(body.to_string().as_bytes()))
+                .unwrap();
+        }
+        // Sent means written to the connection; NNG's own threads hand each
+        // request to the router within microseconds. This margin only makes
+        // that likely before the router runs again; a request that arrives
+        // later is answered `overloaded` (router restarting) or served, and
+        // the assertions below accept those too.
+        std::thread::sleep(Duration::from_millis(200));
+        let released = Instant::now();
+        release_tx.send(()).unwrap();
+        let outcomes: Vec<RawOutcome> = sockets
+            .iter()
+            .map(|socket| {
+                let code = socket.recv().ok().map(|reply| {
+                    let reply: Value = serde_json::from_slice(&reply).unwrap();
+                    reply["code"].as_str().unwrap_or("ok").to_string()
+                });
+                RawOutcome {
+                    code,
+                    after_release: released.elapsed(),
+                }
+            })
+            .collect();
+        let _ = outcomes_tx.send(outcomes);
+    });
+
+    let blocker = client(&addresses.addresses.command).await;
+    let blocked = blocker.call("block", json!({})).await;
+    let outcomes = within("the raw peers", outcomes).await.unwrap();
+    peers.join().unwrap();
+
+    let codes: Vec<Option<&str>> = outcomes.iter().map(|o| o.code.as_deref()).collect();
+    let slowest = outcomes.iter().map(|o| o.after_release).max().unwrap();
+    eprintln!(
+        "router mailbox: {QUEUED} requests queued behind a fault got {codes:?}, the last \
+         {} ms after the router ran again; the blocking request itself got {blocked:?}",
+        slowest.as_millis()
+    );
+    assert!(
+        codes.iter().all(|code| matches!(code, Some("shutting_down" | "overloaded" | "ok"))),
+        "a request went unanswered: {codes:?}"
+    );
+    assert!(
+        codes.contains(&Some("shutting_down")),
+        "no request was queued behind the fault: {codes:?}"
+    );
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    assert!(
+        matches!(&blocked, Err(ClientError::Remote { code, .. }) if code == "shutting_down"),
+        "{blocked:?}"
+    );
+    bus.shutdown().await;
 }
