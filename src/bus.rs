@@ -41,8 +41,8 @@ use crate::dead_letter::{
     Bury, DeadLetterActor, DeadLetterError, DeadLetterLimits, SetReplayTarget, DEAD_LETTER_COMMANDS,
 };
 use crate::dispatcher::{
-    CloseIntake, DispatcherSettings, Enqueue, QueueDispatcher, QueueState, RegisterWorker,
-    QUEUE_COMMANDS,
+    CloseIntake, DispatcherSettings, DrainToDeadLetters, Enqueue, QueueDispatcher, QueueState,
+    RegisterWorker, QUEUE_COMMANDS,
 };
 use crate::edge::listener::{Edge, EdgeActor, EdgeOpener, EdgeSlot};
 use crate::edge::publish::PubEdge;
@@ -55,7 +55,7 @@ use crate::message::{
 use crate::publisher::{
     PublisherSettings, SubscriberRegistry, SubscriptionId, TopicPublisher, PUBLISH_COMMAND,
 };
-use crate::router::{CommandRouter, Dispatch, RouteTable, RouterSettings, StopIntake};
+use crate::router::{CommandRouter, Dispatch, InFlight, RouteTable, RouterSettings, StopIntake};
 use crate::supervisor::{supervise, GiveUp, RoleSendError, SupervisedRole, SupervisorOptions};
 use crate::topics::{PatternError, SERVICE_STARTED, SERVICE_STOPPED};
 use crate::wire::{code, CommandReply, CommandRequest, Echo, Event, JobMessage};
@@ -597,9 +597,15 @@ fn rep_opener(
         }
         Err(refused) => {
             let (code, text) = if refused.is_closed() {
-                (code::SHUTTING_DOWN, "the router is gone for good; the bus is stopping")
+                (
+                    code::SHUTTING_DOWN,
+                    "the router is gone for good; the bus is stopping",
+                )
             } else {
-                (code::OVERLOADED, "the router is restarting; try again shortly")
+                (
+                    code::OVERLOADED,
+                    "the router is restarting; try again shortly",
+                )
             };
             if let Some(inbound) = refused.into_message() {
                 let reply = CommandReply::error(Echo::salvage(&inbound.body), code, text);
@@ -806,19 +812,23 @@ impl BusHandle {
     /// then close every edge and remove its ipc file.
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.config.drain_deadline;
-        for router in [&self.command_router, &self.data_router] {
-            while let Ok(in_flight) = router.send(StopIntake).await {
-                if in_flight == 0 || tokio::time::Instant::now() >= deadline {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+
+        // The queue stops handing out jobs first; the command router then
+        // refuses everything but the workers' reports, so jobs in flight can
+        // still finish within the deadline.
+        let _ = self.dispatcher.send(CloseIntake).await;
+        let still_served = vec!["bus.report".to_string(), "bus.lease".to_string()];
+        let _ = self.command_router.send(StopIntake { still_served }).await;
+        let _ = self.data_router.send(StopIntake::default()).await;
+        self.drain(deadline).await;
+
+        if let Ok((stored, lost)) = self.dispatcher.send(DrainToDeadLetters).await {
+            if stored + lost > 0 {
+                warn!(
+                    stored,
+                    lost, "jobs left at shutdown moved to the dead letter queue"
+                );
             }
-        }
-        while let Ok(in_flight) = self.dispatcher.send(CloseIntake).await {
-            if in_flight == 0 || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         for slot in &self.rep_slots {
             slot.close();
@@ -829,6 +839,21 @@ impl BusHandle {
         self.announce_stop().await;
         if let Some(slot) = &self.event_slot {
             slot.close();
+        }
+    }
+
+    /// Wait until no command and no job is in flight, or `deadline`.
+    async fn drain(&self, deadline: tokio::time::Instant) {
+        loop {
+            let mut busy = 0;
+            for router in [&self.command_router, &self.data_router] {
+                busy += router.send(InFlight).await.unwrap_or(0);
+            }
+            busy += self.dispatcher.send(CloseIntake).await.unwrap_or(0);
+            if busy == 0 || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 

@@ -323,6 +323,13 @@ pub struct Cancel {
 #[rtype(result = "usize")]
 pub struct CloseIntake;
 
+/// Move every job still held into the dead letter store (see
+/// [`JobQueue::drain_to_dead_letters`]); the reply counts the jobs stored and
+/// those the store refused (each refusal is logged with its entry).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "(usize, usize)")]
+pub struct DrainToDeadLetters;
+
 /// A progress report from an in-process handler.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -668,6 +675,29 @@ impl Handler<Cancel> for QueueDispatcher {
 
     fn handle(&mut self, msg: Cancel, ctx: &mut Self::Context) -> Self::Result {
         self.apply(ctx, |queue, _| queue.cancel(&msg.job_id))
+    }
+}
+
+impl Handler<DrainToDeadLetters> for QueueDispatcher {
+    type Result = ResponseFuture<(usize, usize)>;
+
+    fn handle(&mut self, _: DrainToDeadLetters, _ctx: &mut Self::Context) -> Self::Result {
+        let letters = self.state.lock().drain_to_dead_letters();
+        let target = self.dead_letters.clone();
+        Box::pin(async move {
+            let mut outcome = (0, 0);
+            for letter in letters {
+                let copy = letter.clone();
+                match target.send(Bury { entry: letter }).await {
+                    Ok(Ok(())) => outcome.0 += 1,
+                    _ => {
+                        outcome.1 += 1;
+                        warn!(entry = %copy.to_value(), "job lost at shutdown: dead letter store refused it");
+                    }
+                }
+            }
+            outcome
+        })
     }
 }
 

@@ -120,11 +120,19 @@ pub struct Dispatch {
     pub request: CommandRequest,
 }
 
-/// Stop taking new requests (they get `shutting_down`); answers with the
-/// number still running.
+/// Stop taking new requests (they get `shutting_down`), except for the
+/// commands in `still_served` (a draining job queue still needs workers'
+/// reports); answers with the number still running.
+#[derive(Debug, Default, Message)]
+#[rtype(result = "usize")]
+pub struct StopIntake {
+    pub still_served: Vec<String>,
+}
+
+/// How many commands are running now.
 #[derive(Debug, Message)]
 #[rtype(result = "usize")]
-pub struct StopIntake;
+pub struct InFlight;
 
 /// Where one request's reply goes.
 enum ReplyTo {
@@ -157,6 +165,7 @@ pub struct CommandRouter {
     dedup: DedupCache<CommandReply, ReplyTo>,
     in_flight: usize,
     intake_open: bool,
+    still_served: Vec<String>,
     counters: RouterCounters,
 }
 
@@ -169,6 +178,7 @@ impl CommandRouter {
             dedup,
             in_flight: 0,
             intake_open: true,
+            still_served: Vec::new(),
             counters: RouterCounters::default(),
         }
     }
@@ -184,7 +194,7 @@ impl CommandRouter {
             let text = "request has no `command` and the bus has no default route";
             return self.answer(reply_to, CommandReply::error(echo, code::BAD_REQUEST, text));
         };
-        if !self.intake_open {
+        if !self.intake_open && !self.still_served.contains(&name) {
             let text = "the bus is shutting down";
             return self.answer(
                 reply_to,
@@ -367,8 +377,17 @@ impl Handler<Dispatch> for CommandRouter {
 impl Handler<StopIntake> for CommandRouter {
     type Result = usize;
 
-    fn handle(&mut self, _: StopIntake, _ctx: &mut Self::Context) -> usize {
+    fn handle(&mut self, stop: StopIntake, _ctx: &mut Self::Context) -> usize {
         self.intake_open = false;
+        self.still_served = stop.still_served;
+        self.in_flight
+    }
+}
+
+impl Handler<InFlight> for CommandRouter {
+    type Result = usize;
+
+    fn handle(&mut self, _: InFlight, _ctx: &mut Self::Context) -> usize {
         self.in_flight
     }
 }

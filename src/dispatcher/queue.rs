@@ -691,6 +691,38 @@ impl JobQueue {
         }
     }
 
+    /// Take every job the queue still holds (waiting, retrying or in
+    /// flight) as dead letters, for a shutdown that must not lose them: the
+    /// queue itself lives in memory, the dead letter store on disk, and
+    /// `dgbit-bus dlq replay` brings them back. A job in flight is marked as
+    /// such, since its worker may have run it.
+    pub fn drain_to_dead_letters(&mut self) -> Vec<DeadLetter> {
+        self.close();
+        let ids: Vec<String> = self.jobs.keys().cloned().collect();
+        let mut letters = Vec::with_capacity(ids.len());
+        for id in ids {
+            let in_flight = self.in_flight.contains(&id);
+            let entry = match in_flight {
+                true => self.jobs.remove(&id),
+                false => self.take_waiting(&id),
+            };
+            let Some(entry) = entry else { continue };
+            self.in_flight.remove(&id);
+            let reason = match in_flight {
+                true => "the bus shut down while the job was in flight; it may have run",
+                false => "the bus shut down before the job ran",
+            };
+            self.counters.dead_lettered += 1;
+            letters.push(DeadLetter::for_job(
+                &entry.job,
+                reason,
+                DEAD_LETTER_SOURCE,
+                entry.attempts,
+            ));
+        }
+        letters
+    }
+
     /// Count a dead letter the store refused, so the loss is visible.
     pub fn note_dead_letter_failure(&mut self) {
         self.counters.dead_letter_failures += 1;

@@ -1,0 +1,110 @@
+//! A bus's life: shutdown keeps what it could not finish, a restart gets it
+//! back.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use dgbit_bus::bus::{Bus, BusHandle};
+use dgbit_bus::config::{BusConfig, EdgeSet};
+use dgbit_bus::message::{HandlerError, RunJob};
+use dgbit_bus::wire::{CommandRequest, JobMessage};
+use serde_json::{json, Value};
+
+use common::TestAddresses;
+
+/// Counts the jobs it runs.
+struct Counter {
+    runs: Arc<AtomicUsize>,
+}
+
+impl Actor for Counter {
+    type Context = Context<Self>;
+}
+
+impl Handler<RunJob> for Counter {
+    type Result = Result<Value, HandlerError>;
+
+    fn handle(&mut self, _: RunJob, _ctx: &mut Self::Context) -> Self::Result {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(json!({}))
+    }
+}
+
+fn bus_with_store(addresses: &TestAddresses) -> BusConfig {
+    BusConfig::in_process()
+        .edges(EdgeSet::NONE)
+        .dead_letter_path(addresses.path().join("dead_letters.sqlite"))
+}
+
+async fn call(bus: &BusHandle, command: &str, payload: Value) -> Value {
+    let reply = bus
+        .request(CommandRequest::new(command, payload))
+        .await
+        .to_value();
+    assert_eq!(reply["status"], "ok", "{command}: {reply}");
+    reply["result"].clone()
+}
+
+#[actix_rt::test]
+async fn jobs_left_at_shutdown_are_kept_as_dead_letters_and_run_after_a_restart() {
+    let addresses = TestAddresses::new();
+    let first = Bus::builder(bus_with_store(&addresses))
+        .start()
+        .expect("bus starts");
+    for n in 0..5 {
+        first
+            .enqueue(JobMessage::new("count", json!({"n": n})))
+            .await
+            .unwrap();
+    }
+    first.shutdown().await;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let worker = Counter { runs: runs.clone() }.start();
+    let second = Bus::builder(bus_with_store(&addresses))
+        .worker("count", worker.recipient(), 2)
+        .start()
+        .expect("bus restarts");
+    let listed = call(&second, "bus.dlq.list", json!({})).await;
+    assert_eq!(listed["total"], json!(5), "{listed}");
+    let reason = listed["entries"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("shut down"), "{listed}");
+
+    call(&second, "bus.dlq.replay", json!({"all": true})).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while runs.load(Ordering::SeqCst) < 5 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 5);
+    let listed = call(&second, "bus.dlq.list", json!({})).await;
+    assert_eq!(listed["total"], json!(0), "{listed}");
+    second.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn shutdown_removes_the_ipc_files_the_bus_created() {
+    let addresses = TestAddresses::new();
+    let config = BusConfig::default()
+        .addresses(addresses.addresses.clone())
+        .dead_letter_path(addresses.path().join("dl.sqlite"));
+    let bus = Bus::builder(config).start().expect("bus starts");
+    assert!(bus.wait_for_edges(Duration::from_secs(5)).await);
+    let files = ["cmd.ipc", "evt.ipc", "queue.ipc", "data.ipc"];
+    for file in files {
+        assert!(
+            addresses.path().join(file).exists(),
+            "{file} missing while serving"
+        );
+    }
+    bus.shutdown().await;
+    for file in files {
+        assert!(!addresses.path().join(file).exists(), "{file} left behind");
+    }
+}
