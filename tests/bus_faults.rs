@@ -22,13 +22,14 @@ use dgbit_bus::client::{BusClient, ClientError, ClientOptions};
 use dgbit_bus::config::BusConfig;
 use dgbit_bus::edge::listener::EdgeActor;
 use dgbit_bus::edge::publish::PubEdge;
+use dgbit_bus::edge::push::PushEdge;
 use dgbit_bus::edge::rep::RepEdge;
 use dgbit_bus::edge::subscribe::{SubEdge, SubEdgeSettings};
-use dgbit_bus::message::{Command, EventDelivery, HandlerError, StatsQuery};
+use dgbit_bus::message::{Command, EventDelivery, HandlerError, RunJob, StatsQuery};
 use dgbit_bus::router::{CommandRouter, FnHandler};
 use dgbit_bus::supervisor::{FaultKind, InjectFault, RoleState, SupervisedRole};
 use dgbit_bus::topics::Pattern;
-use dgbit_bus::wire::{CommandRequest, Event};
+use dgbit_bus::wire::{CommandRequest, Event, JobMessage};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use nng::options::Options;
@@ -887,5 +888,148 @@ async fn requests_queued_in_a_crashing_routers_mailbox_get_shutting_down_not_sil
         matches!(&blocked, Err(ClientError::Remote { code, .. }) if code == "shutting_down"),
         "{blocked:?}"
     );
+    bus.shutdown().await;
+}
+
+/// An in-process job worker that reports each job it runs, and fails them
+/// all when `fail` is set.
+struct JobRecorder {
+    runs: mpsc::UnboundedSender<String>,
+    fail: bool,
+}
+
+impl Actor for JobRecorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<RunJob> for JobRecorder {
+    type Result = Result<Value, HandlerError>;
+
+    fn handle(&mut self, run: RunJob, _: &mut Self::Context) -> Self::Result {
+        let _ = self.runs.send(run.job.job_id.clone());
+        if self.fail {
+            return Err(HandlerError::failed("this worker fails every job"));
+        }
+        Ok(json!({"done": run.job.job_id}))
+    }
+}
+
+fn job_recorder(fail: bool) -> (Recipient<RunJob>, mpsc::UnboundedReceiver<String>) {
+    let (runs, ran) = mpsc::unbounded_channel();
+    (JobRecorder { runs, fail }.start().recipient(), ran)
+}
+
+#[actix_rt::test]
+async fn the_dispatcher_comes_back_on_schedule_with_its_queue_while_the_buses_serve() {
+    const JOBS: usize = 5;
+    let addresses = TestAddresses::new();
+    let bus = fast_bus(&addresses).await;
+    let mut queued = Vec::new();
+    for n in 0..JOBS {
+        let job = JobMessage::new("fault.test", json!({"n": n}));
+        queued.push(bus.enqueue(job).await.expect("the job is queued"));
+    }
+    let command = Pinger::start(&addresses.addresses.command).await;
+    let data = Pinger::start(&addresses.addresses.data).await;
+
+    crash_on_schedule("dispatcher", bus.dispatcher(), &fast_policy(), &EVERY_FAULT).await;
+
+    assert_undisturbed("command bus during dispatcher crashes", &command.finish().await);
+    assert_undisturbed("data bus during dispatcher crashes", &data.finish().await);
+    let (worker, mut ran) = job_recorder(false);
+    bus.register_worker("fault.test", worker, 2)
+        .await
+        .expect("the restarted dispatcher takes a worker");
+    let mut run = Vec::new();
+    while run.len() < JOBS {
+        run.push(within("the queued jobs to run", ran.recv()).await.unwrap());
+    }
+    run.sort();
+    queued.sort();
+    assert_eq!(run, queued, "the jobs queued before the crashes");
+    eprintln!("dispatcher: the {JOBS} jobs queued before three crashes all ran after them");
+    bus.shutdown().await;
+}
+
+async fn dead_letter_total(client: &BusClient) -> Value {
+    let list = client.call("bus.dlq.list", json!({})).await.unwrap();
+    list["total"].clone()
+}
+
+#[actix_rt::test]
+async fn the_dead_letter_actor_comes_back_on_schedule_with_its_store_while_the_buses_serve() {
+    let addresses = TestAddresses::new();
+    let store = addresses.path().join("dead_letters.sqlite");
+    let bus = Bus::builder(config_for(&addresses).dead_letter_path(&store))
+        .restart_policy(fast_policy())
+        .start()
+        .expect("the bus starts");
+    assert!(bus.wait_for_edges(DEADLINE).await);
+    let (worker, mut ran) = job_recorder(true);
+    bus.register_worker("doomed", worker, 1).await.unwrap();
+    let job = JobMessage::new("doomed", json!({})).with_max_retries(0);
+    let id = bus.enqueue(job).await.unwrap();
+    assert_eq!(within("the doomed job to run", ran.recv()).await, Some(id));
+    let admin = client(&addresses.addresses.command).await;
+    within("the job to be dead-lettered", async {
+        while dead_letter_total(&admin).await != json!(1) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let command = Pinger::start(&addresses.addresses.command).await;
+    let data = Pinger::start(&addresses.addresses.data).await;
+
+    crash_on_schedule(
+        "dead letters",
+        bus.dead_letters(),
+        &fast_policy(),
+        &EVERY_FAULT,
+    )
+    .await;
+
+    assert_undisturbed("command bus during dead letter crashes", &command.finish().await);
+    assert_undisturbed("data bus during dead letter crashes", &data.finish().await);
+    assert_eq!(dead_letter_total(&admin).await, json!(1));
+    eprintln!("dead letters: the entry stored before three crashes is listed after them");
+    bus.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_queue_edge_comes_back_on_schedule_and_a_pull_peer_gets_jobs_again() {
+    let addresses = TestAddresses::new();
+    let bus = fast_bus(&addresses).await;
+    let pull = nng::Socket::new(nng::Protocol::Pull0).unwrap();
+    pull.set_opt::<nng::options::RecvTimeout>(Some(DEADLINE))
+        .unwrap();
+    pull.set_opt::<nng::options::ReconnectMinTime>(Some(Duration::from_millis(20)))
+        .unwrap();
+    pull.set_opt::<nng::options::ReconnectMaxTime>(Some(Duration::from_millis(100)))
+        .unwrap();
+    pull.dial(&addresses.addresses.job_queue).unwrap();
+    let pinger = Pinger::start(&addresses.addresses.command).await;
+    let edge = bus
+        .edge_role::<PushEdge>("queue-edge")
+        .expect("the bus has a queue edge");
+
+    crash_on_schedule("queue edge", &edge, &fast_policy(), &EVERY_FAULT).await;
+
+    let id = bus
+        .enqueue(JobMessage::new("pulled", json!({})))
+        .await
+        .unwrap();
+    let receiver = std::thread::spawn(move || pull.recv().map(|body| body.to_vec()));
+    let body = within("the pull peer's job", async {
+        while !receiver.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        receiver.join().unwrap()
+    })
+    .await
+    .expect("the pull peer receives a job");
+    let job: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(job["job_id"], json!(id));
+    assert_undisturbed("command bus during queue edge crashes", &pinger.finish().await);
+    assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
     bus.shutdown().await;
 }
