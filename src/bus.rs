@@ -30,7 +30,7 @@
 use actix::prelude::*;
 use serde_json::{json, Value};
 use std::any::Any;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use tracing::{error, warn};
 
@@ -162,6 +162,7 @@ impl BusBuilder {
             fatal: Arc::new(fatal_sender),
             health: Vec::new(),
             edge_roles: Vec::new(),
+            edge_health: EdgeHealth::default(),
         };
         let config = self.config;
         let options = edge_options(&config);
@@ -195,6 +196,7 @@ impl BusBuilder {
             .with_role("publisher", stats_of(&publisher))
             .with_role("job_queue", stats_of(&dispatcher))
             .with_role("dead_letters", stats_of(&dead_letters))
+            .with_role("edges", roles.edge_health.clone().start().recipient())
             .with_health_events(events.clone(), config.health_interval)
             .start();
         for routes in [&self.command_routes, &self.data_routes] {
@@ -257,6 +259,7 @@ struct RoleSet {
     health: Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>,
     /// Each edge role's `SupervisedRole<EdgeActor<E>>`, by role name.
     edge_roles: Vec<(&'static str, Box<dyn Any + Send + Sync>)>,
+    edge_health: EdgeHealth,
 }
 
 impl RoleSet {
@@ -429,6 +432,9 @@ impl RoleSet {
         let for_actor = slot.clone();
         let factory = move || EdgeActor::new(role, opener.clone(), for_actor.clone());
         let supervised = self.supervise(role, factory, events);
+        let watched = supervised.clone();
+        self.edge_health
+            .add(role, Box::new(move || watched.health()));
         self.edge_roles.push((role, Box::new(supervised)));
         slot
     }
@@ -570,6 +576,46 @@ where
             }
             stats
         })
+    }
+}
+
+/// Reports the supervision of every edge role (state, restarts, current
+/// delay, last crash) as the `edges` entry of `status` and
+/// `system.health`. Shared, so edges opened after the report's actor
+/// started are included.
+#[derive(Clone, Default)]
+struct EdgeHealth {
+    roles: Arc<RwLock<Vec<(&'static str, RoleHealth)>>>,
+}
+
+type RoleHealth = Box<dyn Fn() -> Value + Send + Sync>;
+
+impl EdgeHealth {
+    fn add(&self, role: &'static str, health: RoleHealth) {
+        let mut roles = self
+            .roles
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        roles.push((role, health));
+    }
+}
+
+impl Actor for EdgeHealth {
+    type Context = Context<Self>;
+}
+
+impl Handler<StatsQuery> for EdgeHealth {
+    type Result = MessageResult<StatsQuery>;
+
+    fn handle(&mut self, _: StatsQuery, _ctx: &mut Self::Context) -> Self::Result {
+        let roles = self
+            .roles
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let report = roles
+            .iter()
+            .map(|(role, health)| (role.to_string(), health()));
+        MessageResult(Value::Object(report.collect()))
     }
 }
 
