@@ -471,7 +471,7 @@ fn a_request_beyond_the_hard_receive_limit_costs_only_its_own_connection() {
     );
     let url = addresses.addresses.command.clone();
     let baseline = serve.quiet_fds();
-    let size = hard_receive_limit(SMALL_LIMIT) + 1;
+    let size = hard_receive_limit(SMALL_LIMIT) + 1024;
 
     let between = oversize_probe(&url, 100_000, 0);
     assert_eq!(between["code"], code::TOO_LARGE, "{between}");
