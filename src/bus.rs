@@ -178,6 +178,7 @@ impl BusBuilder {
             .register_resolver(PUBLISH_COMMAND, Arc::new(publish_resolver));
 
         let dead_letters = roles.dead_letters(&config, &events)?;
+        let burials = bury_forwarder(&dead_letters);
         let (dispatcher, queue_slot) = roles.dispatcher(&config, &options, &events, &dead_letters);
         register_role_commands(&self.command_routes, &QUEUE_COMMANDS, &dispatcher);
         register_role_commands(&self.command_routes, &DEAD_LETTER_COMMANDS, &dead_letters);
@@ -188,8 +189,9 @@ impl BusBuilder {
             let _ = dispatcher.do_send(registration);
         }
 
-        let command_router = roles.router(&config, "command", &self.command_routes, &events);
-        let data_router = roles.router(&config, "data", &self.data_routes, &events);
+        let command_router =
+            roles.router(&config, "command", &self.command_routes, &events, &burials);
+        let data_router = roles.router(&config, "data", &self.data_routes, &events, &burials);
         let builtins = BuiltinCommands::new(config.service_name.clone())
             .with_role("command", stats_of(&command_router))
             .with_role("data", stats_of(&data_router))
@@ -389,6 +391,7 @@ impl RoleSet {
         role: &'static str,
         routes: &RouteTable,
         events: &EventSink,
+        dead_letters: &Recipient<Bury>,
     ) -> SupervisedRole<CommandRouter> {
         let settings = RouterSettings {
             role,
@@ -399,12 +402,12 @@ impl RoleSet {
             dedup_capacity: config.dedup_capacity,
             dedup_ttl: config.dedup_ttl,
         };
-        let routes = routes.clone();
-        self.supervise(
-            role,
-            move || CommandRouter::new(settings.clone(), routes.clone()),
-            events,
-        )
+        let (routes, dead_letters) = (routes.clone(), dead_letters.clone());
+        let factory = move || {
+            CommandRouter::new(settings.clone(), routes.clone())
+                .with_dead_letters(dead_letters.clone())
+        };
+        self.supervise(role, factory, events)
     }
 
     fn edge<E: Edge + Unpin>(

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use crate::dead_letter::{Bury, DeadLetter};
 use crate::dedup::{Admission, DedupCache};
 use crate::edge::rep::{Inbound, ReplySlot};
 use crate::message::{Command, HandlerError, StatsQuery};
@@ -167,6 +168,7 @@ pub struct CommandRouter {
     intake_open: bool,
     still_served: Vec<String>,
     counters: RouterCounters,
+    dead_letters: Option<Recipient<Bury>>,
 }
 
 impl CommandRouter {
@@ -180,7 +182,15 @@ impl CommandRouter {
             intake_open: true,
             still_served: Vec::new(),
             counters: RouterCounters::default(),
+            dead_letters: None,
         }
+    }
+
+    /// Keep the raw bytes of every request that could not be parsed in the
+    /// dead letter store, besides answering it with `bad_request`.
+    pub fn with_dead_letters(mut self, dead_letters: Recipient<Bury>) -> Self {
+        self.dead_letters = Some(dead_letters);
+        self
     }
 
     /// Decide a request's fate: answer it now, park it, or run its handler.
@@ -301,6 +311,10 @@ impl CommandRouter {
         } else {
             Echo::salvage(body)
         };
+        if let (Some(dead_letters), code::BAD_REQUEST) = (&self.dead_letters, err.code) {
+            let entry = DeadLetter::unparseable(self.settings.role, body, err.message.clone());
+            dead_letters.do_send(Bury { entry });
+        }
         self.answer(reply_to, CommandReply::error(echo, err.code, err.message));
     }
 }

@@ -108,3 +108,37 @@ async fn shutdown_removes_the_ipc_files_the_bus_created() {
         assert!(!addresses.path().join(file).exists(), "{file} left behind");
     }
 }
+
+#[actix_rt::test]
+async fn an_unparseable_request_is_answered_and_kept_with_its_raw_bytes() {
+    use dgbit_bus::client::{BusClient, ClientOptions};
+    let addresses = TestAddresses::new();
+    let config = BusConfig::default()
+        .addresses(addresses.addresses.clone())
+        .dead_letter_path(addresses.path().join("dl.sqlite"));
+    let bus = Bus::builder(config).start().expect("bus starts");
+    assert!(bus.wait_for_edges(Duration::from_secs(5)).await);
+    let client = BusClient::connect(&addresses.addresses.command, ClientOptions::default())
+        .await
+        .unwrap();
+
+    let garbage = b"\xff{not json at all";
+    let reply = client.send_raw(garbage).await.unwrap();
+    assert!(String::from_utf8_lossy(&reply).contains("bad_request"));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let listed = loop {
+        let listed = call(&bus, "bus.dlq.list", json!({})).await;
+        if listed["total"] == json!(1) || tokio::time::Instant::now() > deadline {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(listed["total"], json!(1), "{listed}");
+    let id = listed["entries"][0]["id"].clone();
+    let entry = call(&bus, "bus.dlq.show", json!({"id": id})).await;
+    let raw_hex: String = garbage.iter().map(|byte| format!("{byte:02x}")).collect();
+    assert_eq!(entry["raw_hex"], json!(raw_hex), "{entry}");
+    assert_eq!(entry["source"], "command");
+    bus.shutdown().await;
+}
