@@ -326,12 +326,26 @@ impl CommandRouter {
 fn result_reply(echo: Echo, name: &str, result: Value) -> CommandReply {
     let depth = nesting_depth(&result) + 1;
     if depth > MAX_NESTING {
+        drop_without_recursion(result);
         let text = format!(
             "the reply of `{name}` would nest {depth} levels deep; the limit is {MAX_NESTING}"
         );
         return CommandReply::error(echo, code::HANDLER_FAILED, text);
     }
     CommandReply::ok(echo, result)
+}
+
+/// Drop `value` however deep it nests: serde_json's own drop recurses once
+/// per level, which overflows the stack on a value thousands of levels deep.
+fn drop_without_recursion(value: Value) {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => pending.extend(map.into_iter().map(|(_, item)| item)),
+            _ => {}
+        }
+    }
 }
 
 /// Counter keys are static; a handler's own code is counted as `other`.

@@ -1053,7 +1053,7 @@ const BUS_PAYLOAD_KEYS: [&str; 24] = [
 
 /// `[[...[1]...]]`, `depth` levels, built without recursion.
 fn nested_arrays(depth: usize) -> Value {
-    (0..depth).fold(json!(1), |inner, _| json!([inner]))
+    (0..depth).fold(json!(1), |inner, _| Value::Array(vec![inner]))
 }
 
 /// Values that stress a field: wrong types, out-of-range numbers, empty and

@@ -1481,3 +1481,49 @@ fn wrong_protocols_and_raw_garbage_on_the_event_and_queue_addresses_do_not_distu
     assert!(end_fds <= start_fds, "fds {start_fds} -> {end_fds}");
     assert!(serve.alive());
 }
+
+// ---------------------------------------------------------------------------
+// The reply path
+// ---------------------------------------------------------------------------
+
+/// Answers with arrays nested `depth` deep, built without recursion.
+struct DeepResultHandler {
+    depth: usize,
+}
+
+impl Actor for DeepResultHandler {
+    type Context = Context<Self>;
+}
+
+impl Handler<Command> for DeepResultHandler {
+    type Result = Result<Value, HandlerError>;
+
+    fn handle(&mut self, _command: Command, _ctx: &mut Self::Context) -> Self::Result {
+        Ok((0..self.depth).fold(json!(1), |inner, _| Value::Array(vec![inner])))
+    }
+}
+
+/// Wire input cannot nest past the codec's limit, but a handler can build
+/// any value: one nested 100 000 levels deep must become an error reply,
+/// not a stack overflow in the router (measuring, encoding or dropping it).
+#[test]
+fn a_handler_result_nested_a_hundred_thousand_levels_deep_fails_only_its_request() {
+    let addresses = TestAddresses::new();
+    let config = BusConfig::default().addresses(addresses.addresses.clone());
+    let _bus = BusThread::start(config, || {
+        let deep = DeepResultHandler { depth: 100_000 }.start();
+        let shallow = DeepResultHandler { depth: 100 }.start();
+        vec![("deep", deep.recipient()), ("shallow", shallow.recipient())]
+    });
+    let peer = Peer::dial(&addresses.addresses.command).unwrap();
+
+    let deep = peer.send_json(&json!({"command": "deep"})).unwrap();
+    assert_eq!(deep["code"], code::HANDLER_FAILED, "{deep}");
+    let shallow = peer.send_json(&json!({"command": "shallow"})).unwrap();
+    assert_eq!(shallow["status"], "ok", "{shallow}");
+    peer.ping().unwrap();
+    eprintln!(
+        "a 100 000-level result: {}; a 100-level result: ok",
+        deep["error"]
+    );
+}
