@@ -19,7 +19,7 @@ use actix::prelude::*;
 use dgbit_bus::backoff::{BackoffPolicy, RestartBudget};
 use dgbit_bus::bus::{Bus, BusHandle};
 use dgbit_bus::client::{BusClient, ClientError, ClientOptions};
-use dgbit_bus::config::BusConfig;
+use dgbit_bus::config::{Addresses, BusConfig};
 use dgbit_bus::edge::listener::EdgeActor;
 use dgbit_bus::edge::publish::PubEdge;
 use dgbit_bus::edge::push::PushEdge;
@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 use nng::options::Options;
 use tokio::sync::{mpsc, watch};
 
-use common::TestAddresses;
+use common::{ServeProcess, TestAddresses};
 
 /// Longest any single wait in these tests may take.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -1032,4 +1032,161 @@ async fn the_queue_edge_comes_back_on_schedule_and_a_pull_peer_gets_jobs_again()
     assert_undisturbed("command bus during queue edge crashes", &pinger.finish().await);
     assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
     bus.shutdown().await;
+}
+
+/// User plus system CPU time `pid` has used so far, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process runs");
+    // The command name may hold spaces; the fields after it do not.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("a stat line")
+        .1
+        .split_whitespace()
+        .collect();
+    // After the name: state is field 3 of the line, utime 14 and stime 15.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64)
+}
+
+fn clock_ticks_per_second() -> u64 {
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("getconf runs");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(100)
+}
+
+/// `dgbit-bus send <command>` to the bus at `addresses`, with a short
+/// timeout; the reply as JSON when it was one.
+fn send(addresses: &Addresses, command: &str, data: bool) -> Option<Value> {
+    let mut run = common::bus_command(addresses);
+    run.args(["send", command, "--timeout-s", "2"]);
+    if data {
+        run.arg("--data");
+    }
+    let out = run.output().expect("dgbit-bus send runs");
+    let reply: Value = serde_json::from_slice(&out.stdout).ok()?;
+    (out.status.success() && reply["status"] == "ok").then_some(reply)
+}
+
+/// Send SIGTERM to `pid` (through kill(1): the tests use no `unsafe`).
+fn terminate(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -TERM {pid} failed");
+}
+
+/// Wait for `child` to exit, up to `limit`.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    common::wait_until(limit, || {
+        status = child.try_wait().expect("wait on the child");
+        status.is_some()
+    });
+    status
+}
+
+/// A `dgbit-bus serve` child with `extra` flags, its stderr in `log`;
+/// killed when dropped. Dead letters stay in memory so that nothing is
+/// written outside the test's directory.
+fn spawn_serve(addresses: &Addresses, extra: &[&str], log: &std::path::Path) -> ServeProcess {
+    let child = common::bus_command(addresses)
+        .args(["serve", "--dead-letter-path", ":memory:"])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("a log file"))
+        .spawn()
+        .expect("dgbit-bus serve starts");
+    ServeProcess { child }
+}
+
+#[test]
+fn a_command_address_in_a_missing_directory_is_retried_with_growing_delays_at_low_cpu_until_it_exists(
+) {
+    let dir = TestAddresses::new();
+    // Two levels missing: serve creates at most the last one itself.
+    let missing = dir.path().join("not-yet").join("there");
+    let mut addresses = dir.addresses.clone();
+    addresses.command = format!("ipc://{}", missing.join("cmd.ipc").display());
+    let log = dir.path().join("serve.log");
+    let mut serve = spawn_serve(&addresses, &[], &log);
+    assert!(
+        common::wait_until(Duration::from_secs(20), || send(&addresses, "ping", true)
+            .is_some()),
+        "the data bus never answered"
+    );
+
+    // Watch the failed opens in the log (which costs the bus nothing) until
+    // the fifth restart has failed too; attempt 6 then waits 3.2 s.
+    let failed_opens = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("edge could not open")
+            .count()
+    };
+    let (watched_from, cpu_before) = (Instant::now(), cpu_time(serve.pid()));
+    let mut failures = vec![(failed_opens(), Instant::now())];
+    common::wait_until(Duration::from_secs(15), || {
+        let count = failed_opens();
+        if count > failures.last().unwrap().0 {
+            failures.push((count, Instant::now()));
+        }
+        count >= 6
+    });
+    let watched = watched_from.elapsed();
+    let cpu = cpu_time(serve.pid()) - cpu_before;
+    let gaps: Vec<u128> = failures
+        .windows(2)
+        .filter(|pair| pair[1].0 == pair[0].0 + 1)
+        .map(|pair| (pair[1].1 - pair[0].1).as_millis())
+        .collect();
+    eprintln!(
+        "missing dir: {} failed opens; gaps between them {gaps:?} ms; the bus used {} ms \
+         of CPU in {} ms while retrying ({:.1} %)",
+        failed_opens(),
+        cpu.as_millis(),
+        watched.as_millis(),
+        100.0 * cpu.as_secs_f64() / watched.as_secs_f64()
+    );
+    assert!(failed_opens() >= 6, "only {} failed opens", failed_opens());
+    assert!(
+        gaps.windows(2).all(|pair| pair[1] > pair[0]),
+        "the delays did not grow: {gaps:?}"
+    );
+    assert!(
+        cpu.as_secs_f64() < 0.10 * watched.as_secs_f64(),
+        "retrying is not cheap: {cpu:?} of CPU in {watched:?}"
+    );
+
+    // The same, as the supervisor reports it on the data bus.
+    let status = send(&addresses, "status", true).expect("the data bus answers status");
+    let edge = status["result"]["roles"]["edges"]["command-edge"].clone();
+    eprintln!("missing dir: status of command-edge: {edge}");
+    assert!(edge["restarts"].as_u64().unwrap() >= 6, "{edge}");
+    assert_eq!(edge["state"], "restarting", "{edge}");
+    assert_eq!(edge["last_crash"]["kind"], "stop", "{edge}");
+    // Attempt 6 of the default schedule waits 3.2 s ±10 %.
+    assert!(edge["last_delay_ms"].as_u64().unwrap() >= 2880, "{edge}");
+    assert!(
+        send(&addresses, "ping", false).is_none(),
+        "the command bus answered from a missing directory"
+    );
+
+    std::fs::create_dir_all(&missing).unwrap();
+    let created = Instant::now();
+    let serves = common::wait_until(Duration::from_secs(10), || {
+        send(&addresses, "ping", false).is_some()
+    });
+    eprintln!(
+        "missing dir: the command bus served {} ms after the directory was created",
+        created.elapsed().as_millis()
+    );
+    assert!(serves, "the command bus never served after the directory appeared");
+
+    terminate(serve.pid());
+    let exit = exit_within(&mut serve.child, Duration::from_secs(10));
+    assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
 }
