@@ -31,7 +31,7 @@ pub fn in_process(budget: &Budget) -> anyhow::Result<Vec<Row>> {
         let handler = echo_handler().start();
         let bus = Bus::builder(BusConfig::in_process())
             .command(ECHO_COMMAND, handler.clone().recipient())
-            .start();
+            .start()?;
         bus.command_router().live().await?;
         let template = RequestTemplate::new();
 

@@ -16,6 +16,8 @@
 
 mod commands;
 mod dispatch;
+mod events;
+mod jobs;
 mod raw;
 mod server;
 mod table;
@@ -190,6 +192,8 @@ fn run_workload(name: &str, budget: &Budget) -> Vec<Outcome> {
     match name {
         "latency" => per_transport("1 round trip", commands::round_trip),
         "throughput" => per_transport("2 x32 clients", commands::concurrent),
+        "events" => per_transport("4 events", events::fan_out),
+        "jobs" => per_transport("5 jobs", jobs::workers),
         "dispatch" => vec![(
             "3 in-process dispatch",
             "in-proc",

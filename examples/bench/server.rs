@@ -75,10 +75,18 @@ impl BusServer {
             .spawn(move || {
                 System::new().block_on(async move {
                     let handler = echo_handler().start();
-                    let bus = Bus::builder(config)
+                    let started = Bus::builder(config)
                         .command(ECHO_COMMAND, handler.recipient())
                         .start();
-                    let _ = ready_sender.send(bus.wait_for_edges(OPEN_LIMIT).await);
+                    let bus = match started {
+                        Ok(bus) => bus,
+                        Err(err) => {
+                            let _ = ready_sender.send(Err(err.to_string()));
+                            return;
+                        }
+                    };
+                    let open = bus.wait_for_edges(OPEN_LIMIT).await;
+                    let _ = ready_sender.send(Ok(open));
                     let bus = Rc::new(bus);
                     while let Some(job) = incoming.recv().await {
                         job(bus.clone()).await;
@@ -92,8 +100,13 @@ impl BusServer {
             jobs: Some(jobs),
             thread: Some(thread),
         };
-        match ready.recv_timeout(OPEN_LIMIT + Duration::from_secs(1)) {
-            Ok(true) => Ok(server),
+        let outcome = ready.recv_timeout(OPEN_LIMIT + Duration::from_secs(1));
+        match outcome {
+            Ok(Ok(true)) => Ok(server),
+            Ok(Err(why)) => {
+                server.stop_now();
+                anyhow::bail!("the bus did not start: {why}")
+            }
             _ => {
                 server.stop_now();
                 anyhow::bail!("the bus did not open its edges")
