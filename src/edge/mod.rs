@@ -32,6 +32,8 @@ pub enum EdgeError {
     Dial { url: String, source: nng::Error },
     #[error("{url} is in use by a live process")]
     InUse { url: String },
+    #[error("cannot set the mode of {url}: {source}")]
+    Permissions { url: String, source: std::io::Error },
     #[error("socket error: {0}")]
     Socket(#[from] nng::Error),
 }
@@ -42,7 +44,8 @@ pub struct EdgeOptions {
     /// Largest body the bus answers with a decoded reply; see
     /// [`hard_receive_limit`] for what NNG itself enforces.
     pub max_message_size: usize,
-    /// Mode bits for ipc socket files created by listeners.
+    /// Mode bits for ipc socket files created by listeners, set exactly
+    /// (the process umask does not narrow them).
     pub ipc_permissions: u32,
     /// Dialer reconnect schedule: NNG waits `reconnect_min`, doubling up to
     /// `reconnect_max`, between attempts.
@@ -90,7 +93,8 @@ pub fn nng_receive_max(max_message_size: usize) -> usize {
 ///
 /// [`EdgeError::InUse`] when a live process holds the ipc path;
 /// [`EdgeError::Listen`] when NNG refuses (bad URL, directory missing,
-/// permission denied, tcp port in use).
+/// permission denied, tcp port in use); [`EdgeError::Permissions`] when the
+/// ipc file's mode cannot be set (the listener is closed again).
 pub fn listen(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Listener, EdgeError> {
     socket.set_opt::<RecvMaxSize>(nng_receive_max(options.max_message_size))?;
     if let Some(path) = ipc_path(url) {
@@ -109,6 +113,21 @@ pub fn listen(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Liste
     let listener = builder
         .start()
         .map_err(|(_, source)| listen_error(source))?;
+    if let Some(path) = ipc_path(url) {
+        // On Linux NNG sets the mode on the socket before binding it, and
+        // the kernel then takes the umask away from it (0o660 becomes 0o640
+        // under umask 022, shutting the group out). Setting it again on the
+        // file makes it exact; until then it is only ever narrower.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(options.ipc_permissions);
+        if let Err(source) = std::fs::set_permissions(&path, mode) {
+            listener.close();
+            return Err(EdgeError::Permissions {
+                url: url.to_string(),
+                source,
+            });
+        }
+    }
     debug!(url, "listening");
     Ok(listener)
 }
@@ -142,6 +161,84 @@ pub fn ipc_path(url: &str) -> Option<PathBuf> {
     url.strip_prefix("ipc://")
         .filter(|path| !path.is_empty())
         .map(PathBuf::from)
+}
+
+/// Whether listening on `url` would accept connections on every network
+/// interface: a tcp or websocket URL whose host is empty, `*`, or an
+/// unspecified address (`0.0.0.0` in any spelling NNG's resolver accepts,
+/// `::`). ipc and inproc URLs never are.
+pub fn is_wildcard_listen(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let network = ["tcp", "ws", "wss", "tls+tcp"].iter().any(|base| {
+        scheme
+            .strip_prefix(base)
+            .is_some_and(|v| ["", "4", "6"].contains(&v))
+    });
+    if !network {
+        return false;
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _port)| host),
+    };
+    is_unspecified_host(host)
+}
+
+fn is_unspecified_host(host: &str) -> bool {
+    if host.is_empty() || host == "*" {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => v4.is_unspecified(),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            v6.is_unspecified() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified())
+        }
+        // The C resolver also reads `0`, `0.0`, `0x0` and `000` as 0.0.0.0.
+        Err(_) => host.split('.').count() <= 4 && host.split('.').all(is_zero_number),
+    }
+}
+
+fn is_zero_number(part: &str) -> bool {
+    let digits = part
+        .strip_prefix("0x")
+        .or_else(|| part.strip_prefix("0X"))
+        .unwrap_or(part);
+    !part.is_empty() && digits.chars().all(|c| c == '0')
+}
+
+/// Create the directory holding the ipc file of `url` with `mode`, when it
+/// is missing, so that the socket file is reachable only through a
+/// directory the bus owns. Only the last component is created; an existing
+/// directory is left as it is (it belongs to someone else). Returns the
+/// directory when it was created.
+///
+/// # Errors
+///
+/// When the directory cannot be created or its mode set (its own parent
+/// is missing, permission denied).
+pub fn create_ipc_dir(url: &str, mode: u32) -> std::io::Result<Option<PathBuf>> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let Some(dir) = ipc_path(url).and_then(|path| path.parent().map(Path::to_path_buf)) else {
+        return Ok(None);
+    };
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(None);
+    }
+    match std::fs::DirBuilder::new().mode(mode).create(&dir) {
+        Ok(()) => {}
+        // Another edge of the same bus made it first.
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
+        Err(err) => return Err(err),
+    }
+    // The umask may have taken bits away; the mode asked for is exact.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
+    debug!(dir = %dir.display(), mode = format!("{mode:o}"), "created ipc directory");
+    Ok(Some(dir))
 }
 
 /// Remove the ipc file at `path` if nothing answers on it.
@@ -199,18 +296,79 @@ mod tests {
     }
 
     #[test]
-    fn ipc_files_get_the_configured_mode() {
+    fn ipc_files_get_the_configured_mode_whatever_the_umask() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mode.ipc");
-        let socket = Socket::new(Protocol::Rep0).unwrap();
-        let options = EdgeOptions {
-            ipc_permissions: 0o600,
-            ..EdgeOptions::default()
-        };
-        listen(&socket, &format!("ipc://{}", path.display()), &options).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        // The default and a mode no usual umask (022, 027, 077) leaves
+        // alone, so a umask taken off would show.
+        for mode in [0o600, 0o660, 0o666] {
+            let path = dir.path().join(format!("{mode:o}.ipc"));
+            let socket = Socket::new(Protocol::Rep0).unwrap();
+            let options = EdgeOptions {
+                ipc_permissions: mode,
+                ..EdgeOptions::default()
+            };
+            listen(&socket, &format!("ipc://{}", path.display()), &options).unwrap();
+            let actual = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(actual, mode, "{:o} became {:o}", mode, actual);
+        }
+    }
+
+    #[test]
+    fn wildcard_hosts_are_recognised_in_every_spelling() {
+        for url in [
+            "tcp://0.0.0.0:5555",
+            "tcp://*:5555",
+            "tcp://:5555",
+            "tcp://[::]:5555",
+            "tcp6://[::]:5555",
+            "tcp4://0:5555",
+            "tcp://0.0:5555",
+            "tcp://0x0:5555",
+            "tcp://[::ffff:0.0.0.0]:5555",
+            "ws://*:8080/bus",
+            "tls+tcp://0.0.0.0:443",
+        ] {
+            assert!(is_wildcard_listen(url), "{url}");
+        }
+        for url in [
+            "tcp://127.0.0.1:5555",
+            "tcp://10.77.0.1:5555",
+            "tcp://[::1]:5555",
+            "tcp://localhost:5555",
+            "tcp://bus.internal:5555",
+            "ws://10.0.0.1:8080/bus",
+            "ipc:///tmp/dgbit_cmd.ipc",
+            "ipc://*",
+            "inproc://0.0.0.0",
+        ] {
+            assert!(!is_wildcard_listen(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_missing_ipc_directory_is_created_with_the_mode_asked_for() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("ipc://{}", dir.path().join("run/cmd.ipc").display());
+        let created = create_ipc_dir(&url, 0o750).unwrap();
+        assert_eq!(created.as_deref(), Some(dir.path().join("run").as_path()));
+        let mode = std::fs::metadata(dir.path().join("run"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o750);
+        assert_eq!(
+            create_ipc_dir(&url, 0o700).unwrap(),
+            None,
+            "an existing one is kept"
+        );
+        let deep = format!("ipc://{}", dir.path().join("a/b/cmd.ipc").display());
+        assert!(
+            create_ipc_dir(&deep, 0o750).is_err(),
+            "only the last component"
+        );
+        assert_eq!(create_ipc_dir("tcp://127.0.0.1:1", 0o750).unwrap(), None);
     }
 
     #[test]
