@@ -121,6 +121,29 @@ pub struct BusConfig {
     pub push_job_types: std::collections::BTreeSet<String>,
     /// Dead letters kept at most, oldest evicted first. Default 100 000.
     pub dead_letter_max_entries: usize,
+    /// Allow listening on a wildcard address (`tcp://0.0.0.0:p`,
+    /// `tcp://*:p`, `tcp://[::]:p`), which accepts connections on every
+    /// network interface. Default false: [`BusConfig::check_listen_addresses`]
+    /// refuses such an address, so a bus is reachable only on the
+    /// interfaces its addresses name.
+    pub allow_wildcard_listen: bool,
+}
+
+/// A configuration the bus refuses to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A listen address is a wildcard and `allow_wildcard_listen` is off.
+    #[error(
+        "refusing to listen on {url} ({socket} socket): a wildcard address accepts \
+         connections on every network interface; name the interface's address \
+         (e.g. tcp://10.0.0.5:5555) or allow it explicitly (allow_wildcard_listen, \
+         serve --allow-wildcard-listen)"
+    )]
+    WildcardListen {
+        /// Which socket: `command`, `event`, `job queue` or `data`.
+        socket: &'static str,
+        url: String,
+    },
 }
 
 /// Which NNG edges a bus opens.
@@ -171,6 +194,7 @@ impl Default for BusConfig {
             queue_dial: false,
             push_job_types: ["*".to_string()].into(),
             dead_letter_max_entries: 100_000,
+            allow_wildcard_listen: false,
         }
     }
 }
@@ -261,6 +285,54 @@ impl BusConfig {
         self.backlog_alert = depth;
         self
     }
+
+    pub fn allow_wildcard_listen(mut self, allow: bool) -> Self {
+        self.allow_wildcard_listen = allow;
+        self
+    }
+
+    /// The addresses this bus listens on (not those it dials), each with
+    /// its socket's name.
+    pub fn listen_addresses(&self) -> Vec<(&'static str, &str)> {
+        let a = &self.addresses;
+        [
+            (self.edges.command, "command", a.command.as_str()),
+            (self.edges.event, "event", a.event.as_str()),
+            (
+                self.edges.job_queue && !self.queue_dial,
+                "job queue",
+                a.job_queue.as_str(),
+            ),
+            (self.edges.data, "data", a.data.as_str()),
+        ]
+        .into_iter()
+        .filter(|(open, _, _)| *open)
+        .map(|(_, socket, url)| (socket, url))
+        .collect()
+    }
+
+    /// Check that every listen address names an interface, unless
+    /// `allow_wildcard_listen` is set.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::WildcardListen`] for the first wildcard address.
+    pub fn check_listen_addresses(&self) -> Result<(), ConfigError> {
+        if self.allow_wildcard_listen {
+            return Ok(());
+        }
+        match self
+            .listen_addresses()
+            .into_iter()
+            .find(|(_, url)| crate::edge::is_wildcard_listen(url))
+        {
+            Some((socket, url)) => Err(ConfigError::WildcardListen {
+                socket,
+                url: url.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -286,6 +358,35 @@ mod tests {
         assert_eq!(addresses.data, "ipc:///run/d.ipc");
         assert_eq!(addresses.event, DEFAULT_EVENT_ADDRESS);
         assert_eq!(addresses.job_queue, DEFAULT_JOB_QUEUE_ADDRESS);
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_is_refused_unless_allowed() {
+        let config = BusConfig::default()
+            .command_address("tcp://127.0.0.1:5555")
+            .event_address("tcp://0.0.0.0:5556");
+        let err = config.check_listen_addresses().unwrap_err();
+        assert!(err.to_string().contains("tcp://0.0.0.0:5556"), "{err}");
+        assert!(err.to_string().contains("event socket"), "{err}");
+        assert!(config
+            .allow_wildcard_listen(true)
+            .check_listen_addresses()
+            .is_ok());
+        assert!(BusConfig::default().check_listen_addresses().is_ok());
+    }
+
+    #[test]
+    fn a_dialed_queue_or_a_closed_edge_is_not_a_listen_address() {
+        let mut config = BusConfig::default().job_queue_address("tcp://*:5557");
+        config.queue_dial = true;
+        assert!(config.check_listen_addresses().is_ok());
+        let config = BusConfig::default()
+            .data_address("tcp://*:5558")
+            .edges(EdgeSet {
+                data: false,
+                ..EdgeSet::ALL
+            });
+        assert!(config.check_listen_addresses().is_ok());
     }
 
     #[test]
