@@ -44,6 +44,47 @@ pub struct ServeArgs {
     /// Seconds between `system.health` events.
     #[arg(long, default_value_t = 10.0)]
     pub health_interval_s: f64,
+    /// Seconds a leasing worker may stay silent before its job is
+    /// redelivered (every report renews the lease).
+    #[arg(long, env = "DGBIT_JOB_LEASE_S", default_value_t = 30.0)]
+    pub job_lease_s: f64,
+    /// Mode of the ipc socket files, in octal. A peer needs write permission
+    /// on the file to connect: 660 lets in the bus's user and group only.
+    #[arg(long, env = "DGBIT_IPC_MODE", default_value = "660", value_parser = parse_mode)]
+    pub ipc_mode: u32,
+    /// Mode, in octal, of an ipc file's directory when it is missing and the
+    /// bus creates it (only the last component; an existing one is left
+    /// as it is); `off` creates none and waits for it instead.
+    #[arg(long, env = "DGBIT_IPC_DIR_MODE", default_value = "750", value_parser = parse_dir_mode)]
+    pub ipc_dir_mode: IpcDirMode,
+    /// Allow a wildcard tcp listen address (tcp://0.0.0.0:p, tcp://*:p,
+    /// tcp://[::]:p), which accepts connections on every interface. Without
+    /// it, such an address is refused at start.
+    #[arg(long, env = "DGBIT_ALLOW_WILDCARD_LISTEN")]
+    pub allow_wildcard_listen: bool,
+}
+
+/// Whether `serve` creates a missing ipc directory, and with which mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpcDirMode {
+    Off,
+    Create(u32),
+}
+
+/// An octal file mode such as `660`, `0660` or `0o660`.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 && !digits.is_empty() => Ok(mode),
+        _ => Err(format!("`{text}` is not an octal mode between 000 and 777")),
+    }
+}
+
+fn parse_dir_mode(text: &str) -> Result<IpcDirMode, String> {
+    match text {
+        "off" => Ok(IpcDirMode::Off),
+        mode => parse_mode(mode).map(IpcDirMode::Create),
+    }
 }
 
 impl ServeArgs {
@@ -61,6 +102,9 @@ impl ServeArgs {
             push_job_types: self.push_job_types.iter().cloned().collect(),
             backlog_alert: self.backlog_alert,
             health_interval: Duration::from_secs_f64(self.health_interval_s.max(0.1)),
+            job_lease: Duration::from_secs_f64(self.job_lease_s.max(0.1)),
+            ipc_permissions: self.ipc_mode,
+            allow_wildcard_listen: self.allow_wildcard_listen,
             ..BusConfig::default()
         }
     }
@@ -88,14 +132,34 @@ fn dead_letter_path(given: Option<&str>) -> Option<PathBuf> {
     }
 }
 
+/// Create the missing directories of the bus's ipc listen addresses. One
+/// that cannot be created is left to the edge, which waits for it.
+fn create_ipc_dirs(config: &BusConfig, mode: IpcDirMode) {
+    let IpcDirMode::Create(mode) = mode else {
+        return;
+    };
+    for (socket, url) in config.listen_addresses() {
+        match crate::edge::create_ipc_dir(url, mode) {
+            Ok(Some(dir)) => {
+                info!(socket, dir = %dir.display(), mode = format!("{mode:o}"), "created ipc directory")
+            }
+            Ok(None) => {}
+            Err(error) => warn!(socket, url, %error, "cannot create the ipc directory"),
+        }
+    }
+}
+
 /// Run the bus with the built-in handlers until a signal arrives.
 ///
 /// # Errors
 ///
-/// When a role crashed too often and was given up (the bus exits non-zero
-/// so that an outer supervisor restarts it).
+/// When a listen address is a wildcard that is not allowed; when a role
+/// crashed too often and was given up (the bus exits non-zero so that an
+/// outer supervisor restarts it).
 pub fn run_serve(args: &ServeArgs, addresses: &AddressArgs) -> anyhow::Result<()> {
     let config = args.config(addresses);
+    config.check_listen_addresses()?;
+    create_ipc_dirs(&config, args.ipc_dir_mode);
     actix::System::new().block_on(async move {
         let bus = Bus::builder(config.clone()).start()?;
         info!(
@@ -131,5 +195,55 @@ pub async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        addresses: AddressArgs,
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn modes_are_octal_in_any_usual_spelling() {
+        assert_eq!(parse_mode("660"), Ok(0o660));
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("0o600"), Ok(0o600));
+        for bad in ["", "0o", "888", "1777", "rw-rw----", "-1"] {
+            assert!(parse_mode(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_dir_mode("off"), Ok(IpcDirMode::Off));
+        assert_eq!(parse_dir_mode("700"), Ok(IpcDirMode::Create(0o700)));
+    }
+
+    #[test]
+    fn the_access_and_lease_flags_reach_the_bus_config() {
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--ipc-mode",
+            "600",
+            "--job-lease-s",
+            "2.5",
+            "--allow-wildcard-listen",
+        ])
+        .unwrap();
+        let config = cli.serve.config(&cli.addresses);
+        assert_eq!(config.ipc_permissions, 0o600);
+        assert_eq!(config.job_lease, Duration::from_millis(2500));
+        assert!(config.allow_wildcard_listen);
+
+        let defaults = Cli::try_parse_from(["serve"]).unwrap();
+        let config = defaults.serve.config(&defaults.addresses);
+        assert_eq!(config.ipc_permissions, 0o660);
+        assert_eq!(config.job_lease, Duration::from_secs(30));
+        assert!(!config.allow_wildcard_listen);
+        assert_eq!(defaults.serve.ipc_dir_mode, IpcDirMode::Create(0o750));
     }
 }
