@@ -157,7 +157,17 @@ struct RouterCounters {
     received: u64,
     ok: u64,
     errors: HashMap<&'static str, u64>,
+    dead_letters_skipped: u64,
 }
+
+/// Unparseable requests sent to the dead letter store and not yet stored.
+/// Past this many, more are answered but not kept (and counted): the store
+/// commits each entry to disk, so a flood of garbage would otherwise queue
+/// in memory without bound.
+pub const MAX_DEAD_LETTERS_PENDING: usize = 64;
+
+/// A skipped dead letter is logged the first time and then every this many.
+const DEAD_LETTER_SKIP_LOG_INTERVAL: u64 = 1000;
 
 /// The actor behind one REQ/REP bus.
 pub struct CommandRouter {
@@ -169,6 +179,7 @@ pub struct CommandRouter {
     still_served: Vec<String>,
     counters: RouterCounters,
     dead_letters: Option<Recipient<Bury>>,
+    dead_letters_pending: usize,
 }
 
 impl CommandRouter {
@@ -183,6 +194,7 @@ impl CommandRouter {
             still_served: Vec::new(),
             counters: RouterCounters::default(),
             dead_letters: None,
+            dead_letters_pending: 0,
         }
     }
 
@@ -304,18 +316,44 @@ impl CommandRouter {
         reply_to.send(&reply);
     }
 
-    fn reject(&mut self, body: &[u8], err: WireError, reply_to: ReplyTo) {
+    fn reject(&mut self, body: &[u8], err: WireError, reply_to: ReplyTo, ctx: &mut Context<Self>) {
         debug!(router = self.settings.role, code = err.code, error = %err, "request rejected");
         let echo = if err.code == code::TOO_LARGE {
             Echo::default()
         } else {
             Echo::salvage(body)
         };
-        if let (Some(dead_letters), code::BAD_REQUEST) = (&self.dead_letters, err.code) {
-            let entry = DeadLetter::unparseable(self.settings.role, body, err.message.clone());
-            dead_letters.do_send(Bury { entry });
+        if err.code == code::BAD_REQUEST {
+            self.bury(body, &err, ctx);
         }
         self.answer(reply_to, CommandReply::error(echo, err.code, err.message));
+    }
+
+    /// Keep an unparseable body in the dead letter store, unless
+    /// [`MAX_DEAD_LETTERS_PENDING`] are already on their way there.
+    fn bury(&mut self, body: &[u8], err: &WireError, ctx: &mut Context<Self>) {
+        let Some(dead_letters) = self.dead_letters.clone() else {
+            return;
+        };
+        if self.dead_letters_pending >= MAX_DEAD_LETTERS_PENDING {
+            self.counters.dead_letters_skipped += 1;
+            let skipped = self.counters.dead_letters_skipped;
+            if skipped % DEAD_LETTER_SKIP_LOG_INTERVAL == 1 {
+                warn!(
+                    router = self.settings.role,
+                    skipped,
+                    pending = self.dead_letters_pending,
+                    "dead letter store behind; unparseable request answered, not kept"
+                );
+            }
+            return;
+        }
+        self.dead_letters_pending += 1;
+        let entry = DeadLetter::unparseable(self.settings.role, body, err.message.clone());
+        let stored = dead_letters.send(Bury { entry });
+        ctx.spawn(stored.into_actor(self).map(|_, router, _| {
+            router.dead_letters_pending -= 1;
+        }));
     }
 }
 
@@ -381,7 +419,7 @@ impl Handler<Inbound> for CommandRouter {
         let reply_to = ReplyTo::Edge(inbound.reply);
         match CommandRequest::decode(&inbound.body, self.settings.max_message_size) {
             Ok(request) => self.accept(request, reply_to, ctx),
-            Err(err) => self.reject(&inbound.body, err, reply_to),
+            Err(err) => self.reject(&inbound.body, err, reply_to, ctx),
         }
     }
 }
@@ -431,6 +469,7 @@ impl Handler<StatsQuery> for CommandRouter {
             "errors": self.counters.errors,
             "in_flight": self.in_flight,
             "duplicates": self.dedup.hits(),
+            "dead_letters_skipped": self.counters.dead_letters_skipped,
             "commands": self.routes.names(),
         }))
     }
