@@ -60,6 +60,11 @@ use crate::supervisor::{supervise, GiveUp, RoleSendError, SupervisedRole, Superv
 use crate::topics::{PatternError, SERVICE_STARTED, SERVICE_STOPPED};
 use crate::wire::{code, CommandReply, CommandRequest, Echo, Event, JobMessage};
 
+/// How long the REP edges stay open after the routers stop at shutdown, so
+/// that the last replies handed to NNG reach their peers before the sockets
+/// close (NNG has no linger). Taken from the end of the drain deadline.
+pub const REPLY_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Why a bus could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -859,8 +864,15 @@ impl BusHandle {
 
     /// Stop intake, wait for commands in flight up to the drain deadline,
     /// then close every edge and remove its ipc file.
+    ///
+    /// Every request the bus took is answered: one that arrives while it
+    /// drains gets `shutting_down`, and so does a command still running when
+    /// the deadline comes (its handler may finish later; the result is
+    /// discarded). The REP edges stay open [`REPLY_FLUSH_GRACE`] longer,
+    /// within the deadline, so that those replies reach their peers.
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.config.drain_deadline;
+        let drain_until = deadline.checked_sub(REPLY_FLUSH_GRACE).unwrap_or(deadline);
 
         // The queue stops handing out jobs first; the command router then
         // refuses everything but the workers' reports, so jobs in flight can
@@ -869,7 +881,7 @@ impl BusHandle {
         let still_served = vec!["bus.report".to_string(), "bus.lease".to_string()];
         let _ = self.command_router.send(StopIntake { still_served }).await;
         let _ = self.data_router.send(StopIntake::default()).await;
-        self.drain(deadline).await;
+        self.drain(drain_until).await;
 
         if let Ok((stored, lost)) = self.dispatcher.send(DrainToDeadLetters).await {
             if stored + lost > 0 {
@@ -879,6 +891,7 @@ impl BusHandle {
                 );
             }
         }
+        self.abandon_commands().await;
         for slot in &self.rep_slots {
             slot.close();
         }
@@ -888,6 +901,22 @@ impl BusHandle {
         self.announce_stop().await;
         if let Some(slot) = &self.event_slot {
             slot.close();
+        }
+    }
+
+    /// Stop both routers: the commands they still run are dropped with
+    /// them, and each dropped reply slot answers `shutting_down`. Requests
+    /// that arrive afterwards are answered `shutting_down` by the edge.
+    /// Then give those replies [`REPLY_FLUSH_GRACE`] to leave.
+    async fn abandon_commands(&self) {
+        for router in [&self.command_router, &self.data_router] {
+            router.shutdown();
+        }
+        for router in [&self.command_router, &self.data_router] {
+            router.terminated().await;
+        }
+        if !self.rep_slots.is_empty() {
+            tokio::time::sleep(REPLY_FLUSH_GRACE).await;
         }
     }
 
