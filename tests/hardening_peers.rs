@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use dgbit_bus::bus::Bus;
+use dgbit_bus::client::{BusClient, ClientError, ClientOptions};
 use dgbit_bus::config::{Addresses, BusConfig};
 use dgbit_bus::edge::hard_receive_limit;
 use dgbit_bus::message::{Command, HandlerError};
@@ -491,14 +492,33 @@ fn a_request_beyond_the_hard_receive_limit_costs_only_its_own_connection() {
         "the default pynng REQ reconnected {reconnects} times in 3 s"
     );
 
+    // The bus's own client behaves like the default pynng REQ: NNG re-dials
+    // and re-sends until the request's timeout, which is what it reports.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let options = ClientOptions::default().timeout(Duration::from_secs(2));
+    let client = BusClient::connect_lazy(&url, options).unwrap();
+    let started = Instant::now();
+    let rust_client = runtime.block_on(client.send_raw(&echo_of_size(size)));
+    let rust_client_after = started.elapsed();
+    assert!(
+        matches!(rust_client, Err(ClientError::Timeout { .. })),
+        "{rust_client:?}"
+    );
+    drop(client);
+
     let slowest = pings_from_a_fresh_peer(&url, 20);
     let after = serve.fds_settle_to(baseline);
     assert!(after <= baseline, "fds {baseline} -> {after}");
     assert!(serve.alive());
     eprintln!(
         "beyond the hard limit ({size} bytes, limit {limit}): between limits {between}; \
-         resend disabled {no_resend}; pynng default resend {default_resend}; \
+         resend disabled {no_resend}; pynng default resend {default_resend}; BusClient \
+         {:?} after {rust_client_after:?}; \
          bus fds {baseline} -> {after}; slowest ping after {slowest:?}; bus warnings {:?}",
+        rust_client.err(),
         serve.warnings()
     );
 }
