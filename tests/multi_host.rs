@@ -532,7 +532,8 @@ impl Drop for Lab {
 }
 
 /// Namespaces of an earlier run of these tests whose process is gone (it
-/// was killed before it could clean up).
+/// was killed before it could clean up), with the processes that run was
+/// still running in them.
 fn remove_abandoned_labs() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
@@ -544,9 +545,16 @@ fn remove_abandoned_labs() {
             continue;
         }
         let pid = parts.next().unwrap_or_default();
-        if !pid.is_empty() && !std::path::Path::new("/proc").join(pid).exists() {
-            let _ = ip(&["netns", "del", name]);
+        if pid.is_empty() || std::path::Path::new("/proc").join(pid).exists() {
+            continue;
         }
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for left in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", left]).status();
+            }
+        }
+        say(&format!("removed namespace {name}, left by an earlier run"));
+        let _ = ip(&["netns", "del", name]);
     }
 }
 
