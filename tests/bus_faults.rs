@@ -1096,6 +1096,7 @@ fn spawn_serve(addresses: &Addresses, extra: &[&str], log: &std::path::Path) -> 
     let child = common::bus_command(addresses)
         .args(["serve", "--dead-letter-path", ":memory:"])
         .args(extra)
+        .env("RUST_LOG", std::env::var("SERVE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).expect("a log file"))
         .spawn()
@@ -1189,4 +1190,300 @@ fn a_command_address_in_a_missing_directory_is_retried_with_growing_delays_at_lo
     terminate(serve.pid());
     let exit = exit_within(&mut serve.child, Duration::from_secs(10));
     assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
+}
+
+/// How one request of the load ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Ok,
+    ShuttingDown,
+    OtherError,
+    /// No reply within the client's timeout, or the connection failed.
+    NoReply,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    at: Instant,
+    ending: Ending,
+}
+
+/// Send `echo` requests from `clients` clients with `loops` requests in
+/// flight each until `stop` turns true, or, as a well-behaved client does,
+/// until the bus answers `shutting_down`; record every request.
+fn echo_load(
+    url: &str,
+    clients: usize,
+    loops: usize,
+    timeout: Duration,
+    stop: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Sent>>> {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let options = ClientOptions::default()
+            .timeout(timeout)
+            .connect_attempts(5, Duration::from_millis(50));
+        let client = Arc::new(BusClient::connect_lazy(url, options).unwrap());
+        for _ in 0..loops {
+            let (client, stop) = (client.clone(), stop.clone());
+            tasks.push(actix_rt::spawn(async move {
+                let mut sent = Vec::new();
+                let mut n = 0_u64;
+                while !*stop.borrow() {
+                    n += 1;
+                    let at = Instant::now();
+                    let ending = match client.call("echo", json!({"n": n})).await {
+                        Ok(reply) if reply == json!({"echo": {"n": n}}) => Ending::Ok,
+                        Ok(_) => Ending::OtherError,
+                        Err(ClientError::Remote { code, .. }) if code == "shutting_down" => {
+                            Ending::ShuttingDown
+                        }
+                        Err(ClientError::Remote { .. }) => Ending::OtherError,
+                        Err(_) => Ending::NoReply,
+                    };
+                    sent.push(Sent { at, ending });
+                    if ending == Ending::ShuttingDown {
+                        break;
+                    }
+                }
+                sent
+            }));
+        }
+    }
+    tasks
+}
+
+/// SIGTERM with requests in flight, against the binary. The clients stop
+/// sending once the bus answers `shutting_down`, as a well-behaved client
+/// does.
+///
+/// What counts as a failure:
+/// - a request sent before the signal that got no reply (`ok` or
+///   `shutting_down` are both fine);
+/// - a request sent while the command socket was open (10 ms before it
+///   closed, at the latest) that got no reply;
+/// - a client timeout that ran out while the process still ran. Once the
+///   process is gone nobody can answer, and the client's own timeout is the
+///   clear error its caller gets.
+#[actix_rt::test]
+async fn sigterm_under_load_answers_every_request_it_took_exits_zero_in_time_and_removes_its_ipc_files(
+) {
+    const CLIENTS: usize = 8;
+    const LOOPS: usize = 4;
+    const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+    let drain_deadline = Duration::from_secs(5);
+    let dir = TestAddresses::new();
+    let addresses = dir.addresses.clone();
+    let log = dir.path().join("serve.log");
+    let mut serve = spawn_serve(
+        &addresses,
+        &["--drain-deadline-s", &drain_deadline.as_secs().to_string()],
+        &log,
+    );
+    let pid = serve.pid();
+    let pinger = client(&addresses.command).await;
+    until_pong(&pinger, "the serve child").await;
+    let (stop, stopped) = watch::channel(false);
+    let load = echo_load(&addresses.command, CLIENTS, LOOPS, CLIENT_TIMEOUT, stopped);
+    within("the load to get going", async {
+        while serve_echoes(&pinger).await < 200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    // The command socket's file goes when the socket closes.
+    let socket_file = dgbit_bus::edge::ipc_path(&addresses.command).unwrap();
+    let closed = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while socket_file.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Instant::now()
+    });
+    // Timed once kill(1) is done: a request counted as sent before the
+    // signal was sent before the bus could see it.
+    terminate(pid);
+    let signalled = Instant::now();
+    // A blocking wait, so that the exit is timed when it happens.
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = serve.child.wait().ok();
+        let _ = exit_tx.send((status, Instant::now()));
+    });
+    let Ok(exit) = tokio::time::timeout(Duration::from_secs(30), exit_rx).await else {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        panic!("the serve child did not exit within 30 s of SIGTERM");
+    };
+    let (status, exited) = exit.unwrap();
+    waiter.join().unwrap();
+    let closed = closed.join().unwrap();
+    let _ = stop.send(true);
+    let mut sent = Vec::new();
+    for task in load {
+        sent.extend(within("the load to stop", task).await.unwrap());
+    }
+
+    let before: Vec<&Sent> = sent.iter().filter(|s| s.at < signalled).collect();
+    let after: Vec<&Sent> = sent.iter().filter(|s| s.at >= signalled).collect();
+    let count = |list: &[&Sent], ending| list.iter().filter(|s| s.ending == ending).count();
+    let unanswered = |failed: &dyn Fn(&Sent) -> bool| {
+        sent.iter()
+            .filter(|s| s.ending == Ending::NoReply && failed(s))
+            .count()
+    };
+    let while_open = unanswered(&|s| s.at + Duration::from_millis(10) < closed);
+    let while_alive = unanswered(&|s| s.at + CLIENT_TIMEOUT < exited);
+    let leftovers: Vec<String> = [
+        &addresses.command,
+        &addresses.data,
+        &addresses.event,
+        &addresses.job_queue,
+    ]
+    .iter()
+    .filter_map(|url| dgbit_bus::edge::ipc_path(url))
+    .filter(|path| path.exists())
+    .map(|path| path.display().to_string())
+    .collect();
+    eprintln!(
+        "sigterm: {} requests before the signal: {} ok, {} shutting_down, {} no reply; {} \
+         after it: {} ok, {} shutting_down, {} no reply; unanswered while the socket was \
+         open: {while_open}, while the process ran: {while_alive}; the socket closed {} ms \
+         and the process exited ({status:?}) {} ms after the signal (drain deadline {} ms)",
+        before.len(),
+        count(&before, Ending::Ok),
+        count(&before, Ending::ShuttingDown),
+        count(&before, Ending::NoReply),
+        after.len(),
+        count(&after, Ending::Ok),
+        count(&after, Ending::ShuttingDown),
+        count(&after, Ending::NoReply),
+        (closed - signalled).as_millis(),
+        (exited - signalled).as_millis(),
+        drain_deadline.as_millis(),
+    );
+    assert!(before.len() >= 200, "too little load: {}", before.len());
+    assert_eq!(
+        count(&before, Ending::Ok) + count(&before, Ending::ShuttingDown),
+        before.len(),
+        "a request sent before the signal went unanswered"
+    );
+    assert_eq!(count(&before, Ending::OtherError) + count(&after, Ending::OtherError), 0);
+    assert_eq!((while_open, while_alive), (0, 0), "requests went unanswered");
+    assert!(status.is_some_and(|status| status.success()), "{status:?}");
+    assert!(exited - signalled <= drain_deadline, "exit took too long");
+    assert!(leftovers.is_empty(), "ipc files left behind: {leftovers:?}");
+}
+
+/// How many `echo` requests the bus has answered `ok` so far.
+async fn serve_echoes(client: &BusClient) -> u64 {
+    let status = client.call("status", json!({})).await.unwrap_or_default();
+    status["roles"]["command"]["ok"].as_u64().unwrap_or_default()
+}
+
+/// Answers after `delay`.
+struct Sleeper {
+    delay: Duration,
+}
+
+impl Actor for Sleeper {
+    type Context = Context<Self>;
+}
+
+impl Handler<Command> for Sleeper {
+    type Result = ResponseFuture<Result<Value, HandlerError>>;
+
+    fn handle(&mut self, command: Command, _: &mut Self::Context) -> Self::Result {
+        let (delay, payload) = (self.delay, command.request.payload);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Ok(json!({"slept": payload}))
+        })
+    }
+}
+
+#[actix_rt::test]
+async fn shutdown_finishes_slow_commands_within_the_deadline_and_abandons_later_ones_with_an_error(
+) {
+    const SLOW: usize = 16;
+    let addresses = TestAddresses::new();
+    let drain_deadline = Duration::from_secs(2);
+    let config = BusConfig {
+        drain_deadline,
+        ..config_for(&addresses)
+    };
+    let slow = Sleeper {
+        delay: Duration::from_millis(500),
+    };
+    let stuck = Sleeper {
+        delay: Duration::from_secs(30),
+    };
+    let bus = Bus::builder(config)
+        .restart_policy(fast_policy())
+        .command("slow", slow.start().recipient())
+        .command("stuck", stuck.start().recipient())
+        .start()
+        .expect("the bus starts");
+    assert!(bus.wait_for_edges(DEADLINE).await);
+    let options = ClientOptions::default().timeout(Duration::from_secs(10));
+    let client = Arc::new(
+        BusClient::connect(&addresses.addresses.command, options)
+            .await
+            .unwrap(),
+    );
+    let call = |name: &'static str, n: usize| {
+        let client = client.clone();
+        actix_rt::spawn(async move {
+            let outcome = client.call(name, json!({"n": n})).await;
+            (outcome, Instant::now())
+        })
+    };
+    let slow_calls: Vec<_> = (0..SLOW).map(|n| call("slow", n)).collect();
+    let stuck_call = call("stuck", 0);
+    within("the commands to reach their handlers", async {
+        while router_in_flight(bus.command_router()).await < SLOW as u64 + 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    let began = Instant::now();
+    let stopping = actix_rt::spawn(bus.shutdown());
+    // A request that arrives while the bus drains is refused at once.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let late = client.call("echo", json!({})).await;
+    within("shutdown", stopping).await.unwrap();
+    let took = began.elapsed();
+
+    let mut slowest = Duration::ZERO;
+    for slow in slow_calls {
+        let (outcome, at) = within("a slow reply", slow).await.unwrap();
+        assert!(outcome.is_ok(), "a slow command was not drained: {outcome:?}");
+        slowest = slowest.max(at - began);
+    }
+    let (stuck, stuck_at) = within("the stuck reply", stuck_call).await.unwrap();
+    eprintln!(
+        "shutdown: {SLOW} slow (500 ms) commands all finished, the last {} ms into the drain; \
+         shutdown took {} ms (deadline {} ms); the 30 s command got {:?} after {} ms; a \
+         request during the drain got {late:?}",
+        slowest.as_millis(),
+        took.as_millis(),
+        drain_deadline.as_millis(),
+        stuck.as_ref().map_err(ToString::to_string),
+        (stuck_at - began).as_millis(),
+    );
+    assert!(
+        matches!(&late, Err(ClientError::Remote { code, .. }) if code == "shutting_down"),
+        "{late:?}"
+    );
+    assert!(
+        matches!(&stuck, Err(ClientError::Remote { code, .. }) if code == "shutting_down"),
+        "the command past the deadline got {stuck:?}"
+    );
+    assert!(stuck_at - began < drain_deadline + Duration::from_millis(500));
+    assert!(took < drain_deadline + Duration::from_millis(500), "{took:?}");
+    let command_ipc = dgbit_bus::edge::ipc_path(&addresses.addresses.command).unwrap();
+    assert!(!command_ipc.exists(), "the ipc file is left behind");
 }
