@@ -7,6 +7,7 @@ use clap::Args;
 use tracing::{info, warn};
 
 use super::AddressArgs;
+use crate::backoff::{BackoffPolicy, RestartBudget, DEFAULT_BUDGET_WINDOW, DEFAULT_MAX_RESTARTS};
 use crate::bus::Bus;
 use crate::config::BusConfig;
 
@@ -25,6 +26,14 @@ pub struct ServeArgs {
     /// Seconds shutdown waits for work in flight.
     #[arg(long, default_value_t = 10)]
     pub drain_deadline_s: u64,
+    /// Restarts granted to each role (router, publisher, edge, ...) within
+    /// `--restart-window-s`; at the next crash the role is given up and
+    /// `serve` exits non-zero.
+    #[arg(long, default_value_t = DEFAULT_MAX_RESTARTS)]
+    pub max_restarts: u32,
+    /// Seconds of the sliding window the restart budget is counted in.
+    #[arg(long, default_value_t = DEFAULT_BUDGET_WINDOW.as_secs())]
+    pub restart_window_s: u64,
     /// SQLite file of the dead letter queue (`:memory:` keeps none across
     /// restarts). Default: $XDG_STATE_HOME/dgbit-bus/dead_letters.sqlite
     /// (~/.local/state when unset).
@@ -88,6 +97,18 @@ fn parse_dir_mode(text: &str) -> Result<IpcDirMode, String> {
 }
 
 impl ServeArgs {
+    /// The restart schedule of every role: the default one (see
+    /// [`BackoffPolicy`]) with the budget these options set.
+    pub fn restart_policy(&self) -> BackoffPolicy {
+        BackoffPolicy {
+            budget: RestartBudget {
+                max_restarts: self.max_restarts,
+                window: Duration::from_secs(self.restart_window_s.max(1)),
+            },
+            ..BackoffPolicy::default()
+        }
+    }
+
     /// The bus configuration these options and addresses describe.
     pub fn config(&self, addresses: &AddressArgs) -> BusConfig {
         let default_command = Some(self.default_command.clone()).filter(|name| !name.is_empty());
@@ -158,10 +179,13 @@ fn create_ipc_dirs(config: &BusConfig, mode: IpcDirMode) {
 /// outer supervisor restarts it).
 pub fn run_serve(args: &ServeArgs, addresses: &AddressArgs) -> anyhow::Result<()> {
     let config = args.config(addresses);
+    let policy = args.restart_policy();
     config.check_listen_addresses()?;
     create_ipc_dirs(&config, args.ipc_dir_mode);
     actix::System::new().block_on(async move {
-        let bus = Bus::builder(config.clone()).start()?;
+        let bus = Bus::builder(config.clone())
+            .restart_policy(policy)
+            .start()?;
         info!(
             command = %config.addresses.command,
             data = %config.addresses.data,
@@ -221,6 +245,19 @@ mod tests {
         }
         assert_eq!(parse_dir_mode("off"), Ok(IpcDirMode::Off));
         assert_eq!(parse_dir_mode("700"), Ok(IpcDirMode::Create(0o700)));
+    }
+
+    #[test]
+    fn the_restart_budget_flags_set_the_policy_budget_only() {
+        let cli = Cli::try_parse_from(["serve", "--max-restarts", "2", "--restart-window-s", "60"])
+            .unwrap();
+        let policy = cli.serve.restart_policy();
+        assert_eq!(policy.budget.max_restarts, 2);
+        assert_eq!(policy.budget.window, Duration::from_secs(60));
+        assert_eq!(policy.base, BackoffPolicy::default().base);
+
+        let defaults = Cli::try_parse_from(["serve"]).unwrap();
+        assert_eq!(defaults.serve.restart_policy(), BackoffPolicy::default());
     }
 
     #[test]
