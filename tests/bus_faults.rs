@@ -1487,3 +1487,41 @@ async fn shutdown_finishes_slow_commands_within_the_deadline_and_abandons_later_
     let command_ipc = dgbit_bus::edge::ipc_path(&addresses.addresses.command).unwrap();
     assert!(!command_ipc.exists(), "the ipc file is left behind");
 }
+
+#[test]
+fn serve_exits_non_zero_naming_the_role_it_gave_up_and_still_cleans_up() {
+    let dir = TestAddresses::new();
+    let mut addresses = dir.addresses.clone();
+    let missing = dir.path().join("never").join("there");
+    addresses.command = format!("ipc://{}", missing.join("cmd.ipc").display());
+    let log = dir.path().join("serve.log");
+    let started = Instant::now();
+    let mut serve = spawn_serve(
+        &addresses,
+        &["--max-restarts", "2", "--restart-window-s", "60"],
+        &log,
+    );
+
+    // 100 ms and 200 ms of restart delay, then the third failure is final.
+    let exit = exit_within(&mut serve.child, Duration::from_secs(20));
+    let took = started.elapsed();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let last_line = stderr.lines().last().unwrap_or_default().to_string();
+    eprintln!(
+        "give-up: serve exited {exit:?} {} ms after it started; its last words: {last_line}",
+        took.as_millis()
+    );
+    let status = exit.expect("serve exits once the role is given up");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        last_line.contains("`command-edge`") && last_line.contains("given up"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("role given up"), "no give-up log line: {stderr}");
+    let leftovers: Vec<_> = [&addresses.data, &addresses.event, &addresses.job_queue]
+        .iter()
+        .filter_map(|url| dgbit_bus::edge::ipc_path(url))
+        .filter(|path| path.exists())
+        .collect();
+    assert!(leftovers.is_empty(), "ipc files left behind: {leftovers:?}");
+}
