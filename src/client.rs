@@ -43,6 +43,11 @@ pub struct ClientOptions {
     pub reconnect_max: Duration,
     /// Largest reply accepted. Default 16 MiB.
     pub max_reply_size: usize,
+    /// Largest request sent; a larger one fails at once with
+    /// [`ClientError::TooLarge`] instead of reaching a bus that would drop
+    /// the connection. Default 16 MiB: twice the bus's default limit, so
+    /// anything in between gets the bus's own `too_large` reply.
+    pub max_request_size: usize,
 }
 
 impl Default for ClientOptions {
@@ -55,6 +60,7 @@ impl Default for ClientOptions {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             max_reply_size: 16 * 1024 * 1024,
+            max_request_size: 16 * 1024 * 1024,
         }
     }
 }
@@ -90,6 +96,8 @@ pub enum ClientError {
     Timeout { after: Duration },
     #[error("request failed: {0}")]
     Transport(nng::Error),
+    #[error("a request of {size} bytes exceeds the client's limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
     #[error("the reply is not a valid bus reply: {0}")]
     BadReply(WireError),
     /// The bus answered with an error (only from [`BusClient::call`]).
@@ -225,8 +233,16 @@ impl BusClient {
     ///
     /// # Errors
     ///
-    /// [`ClientError::Timeout`] or [`ClientError::Transport`].
+    /// [`ClientError::Timeout`] or [`ClientError::Transport`];
+    /// [`ClientError::TooLarge`] before anything is sent.
     pub async fn send_raw(&self, body: &[u8]) -> Result<Vec<u8>, ClientError> {
+        if body.len() > self.options.max_request_size {
+            let limit = self.options.max_request_size;
+            return Err(ClientError::TooLarge {
+                size: body.len(),
+                limit,
+            });
+        }
         let timeout = self.options.timeout;
         let exchange = Exchange::start(&self.socket, body, timeout)?;
         match tokio::time::timeout(timeout, exchange.reply()).await {

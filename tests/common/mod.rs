@@ -57,8 +57,19 @@ pub fn bus_command(addresses: &Addresses) -> Command {
         .env("NNG_EVENT_ADDRESS", &addresses.event)
         .env("NNG_JOB_QUEUE_ADDRESS", &addresses.job_queue)
         .env("NNG_DATA_ADDRESS", &addresses.data)
+        .env("DGBIT_DEAD_LETTER_PATH", dead_letter_path(addresses))
         .env("RUST_LOG", "warn");
     command
+}
+
+/// Where a `serve` child keeps dead letters: beside its ipc files, or
+/// nowhere when the addresses are not ipc paths.
+fn dead_letter_path(addresses: &Addresses) -> String {
+    let dir = dgbit_bus::edge::ipc_path(&addresses.command);
+    match dir.as_deref().and_then(Path::parent) {
+        Some(dir) => dir.join("dead_letters.sqlite").display().to_string(),
+        None => ":memory:".to_string(),
+    }
 }
 
 /// A `dgbit-bus serve` child process, killed when dropped.
