@@ -19,8 +19,13 @@ use crate::table::{Row, Target};
 use crate::transport::{next_id, RequestTemplate, ECHO_COMMAND};
 use crate::Budget;
 
-/// Commands between two looks at the clock.
+/// Commands timed together. Each batch of requests is built before its
+/// clock starts, so that neither side pays for building them.
 const BATCH: u64 = 64;
+
+fn batch(template: &RequestTemplate) -> Vec<dgbit_bus::wire::CommandRequest> {
+    (0..BATCH).map(|_| template.request(next_id())).collect()
+}
 
 /// # Errors
 ///
@@ -68,16 +73,17 @@ async fn through_router(
     template: &RequestTemplate,
     length: Duration,
 ) -> anyhow::Result<Throughput> {
-    let started = Instant::now();
     let mut run = Throughput::default();
-    while started.elapsed() < length {
-        for _ in 0..BATCH {
-            let reply = bus.request(template.request(next_id())).await;
+    while run.elapsed < length {
+        let requests = batch(template);
+        let started = Instant::now();
+        for request in requests {
+            let reply = bus.request(request).await;
             anyhow::ensure!(reply.is_ok(), "the router answered {reply:?}");
         }
+        run.elapsed += started.elapsed();
         run.completed += BATCH;
     }
-    run.elapsed = started.elapsed();
     Ok(run)
 }
 
@@ -86,21 +92,24 @@ async fn direct(
     template: &RequestTemplate,
     length: Duration,
 ) -> anyhow::Result<Throughput> {
-    let started = Instant::now();
     let mut run = Throughput::default();
-    while started.elapsed() < length {
-        for _ in 0..BATCH {
-            let command = Command {
+    while run.elapsed < length {
+        let commands: Vec<Command> = batch(template)
+            .into_iter()
+            .map(|request| Command {
                 name: ECHO_COMMAND.to_string(),
-                request: template.request(next_id()),
-            };
+                request,
+            })
+            .collect();
+        let started = Instant::now();
+        for command in commands {
             handler
                 .send(command)
                 .await?
                 .map_err(|err| anyhow::anyhow!("{err}"))?;
         }
+        run.elapsed += started.elapsed();
         run.completed += BATCH;
     }
-    run.elapsed = started.elapsed();
     Ok(run)
 }

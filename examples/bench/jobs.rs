@@ -80,8 +80,10 @@ fn jobs_per_run(budget: &Budget) -> u64 {
     }
 }
 
-/// A handler that does nothing.
-struct Noop;
+/// A handler that does nothing but count.
+struct Noop {
+    ran: Arc<AtomicU64>,
+}
 
 impl Actor for Noop {
     type Context = Context<Self>;
@@ -91,12 +93,14 @@ impl Handler<RunJob> for Noop {
     type Result = Result<Value, HandlerError>;
 
     fn handle(&mut self, _: RunJob, _: &mut Self::Context) -> Self::Result {
+        self.ran.fetch_add(1, Ordering::Relaxed);
         Ok(Value::Null)
     }
 }
 
 /// Four `JobWorker`s, each on its own thread and actix system.
 struct LeaseWorkers {
+    ran: Arc<AtomicU64>,
     stops: Vec<oneshot::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -104,6 +108,7 @@ struct LeaseWorkers {
 impl LeaseWorkers {
     fn start(url: &str) -> anyhow::Result<Self> {
         let mut workers = Self {
+            ran: Arc::new(AtomicU64::new(0)),
             stops: Vec::new(),
             threads: Vec::new(),
         };
@@ -111,6 +116,7 @@ impl LeaseWorkers {
         for index in 0..WORKERS {
             let (stop, stopped) = oneshot::channel::<()>();
             let (url, ready_sender) = (url.to_string(), ready_sender.clone());
+            let ran = workers.ran.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("bench-worker-{index}"))
                 .spawn(move || {
@@ -123,7 +129,9 @@ impl LeaseWorkers {
                         };
                         let client = ClientOptions::default().timeout(OPERATION_LIMIT);
                         let worker = match JobWorker::connect(&url, options, client).await {
-                            Ok(worker) => worker.handler(JOB_TYPE, Noop.start().recipient()),
+                            Ok(worker) => {
+                                worker.handler(JOB_TYPE, Noop { ran }.start().recipient())
+                            }
                             Err(err) => {
                                 let _ = ready_sender.send(Err(err.to_string()));
                                 return;
@@ -161,60 +169,69 @@ impl Drop for LeaseWorkers {
     }
 }
 
-/// Enqueue `count` jobs in-process and wait until the dispatcher counts
-/// them completed (acks on) or handed off (acks off, when `received` is
-/// given, until the PULL workers have them all).
-fn bus_run(
-    server: &BusServer,
-    count: u64,
-    received: Option<&PullWorkers>,
-) -> anyhow::Result<JobRun> {
-    let before = received.map_or(0, PullWorkers::total);
-    let started = Instant::now();
-    let completed = server.run(move |bus| async move {
-        let stats = |bus: std::rc::Rc<dgbit_bus::bus::BusHandle>| async move {
+/// Enqueue `count` jobs in-process, on the bus's thread.
+fn enqueue(server: &BusServer, count: u64) -> anyhow::Result<()> {
+    server.run(move |bus| async move {
+        for _ in 0..count {
+            bus.enqueue(JobMessage::new(JOB_TYPE, json!({})))
+                .await
+                .map_err(|err| anyhow::anyhow!("enqueue: {err}"))?;
+        }
+        anyhow::Ok(())
+    })?
+}
+
+/// Wait until `done()` reaches `count` or the run's time is up.
+fn wait_done(started: Instant, count: u64, done: impl Fn() -> u64) -> JobRun {
+    let deadline = started + RUN_LIMIT;
+    while done() < count && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    JobRun {
+        done: done(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Acks on: enqueue `count` jobs, wait until the workers' handlers ran
+/// them all. The last `completed` report is one round trip later; it is
+/// checked, untimed, before the next run.
+fn bus_lease_run(server: &BusServer, workers: &LeaseWorkers, count: u64) -> anyhow::Result<JobRun> {
+    let before = workers.ran.load(Ordering::Relaxed);
+    let acknowledged = || {
+        server.run(|bus| async move {
             let stats = bus
                 .dispatcher()
                 .send(StatsQuery)
                 .await
                 .unwrap_or(Value::Null);
             stats["completed"].as_u64().unwrap_or(0)
-        };
-        let first = stats(bus.clone()).await;
-        for _ in 0..count {
-            bus.enqueue(JobMessage::new(JOB_TYPE, json!({})))
-                .await
-                .map_err(|err| anyhow::anyhow!("enqueue: {err}"))?;
-        }
-        anyhow::Ok(first)
-    })??;
-    let deadline = started + RUN_LIMIT;
-    let done = match received {
-        Some(pull) => {
-            while pull.total() - before < count && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            pull.total() - before
-        }
-        None => loop {
-            let now = server.run(|bus| async move {
-                let stats = bus
-                    .dispatcher()
-                    .send(StatsQuery)
-                    .await
-                    .unwrap_or(Value::Null);
-                stats["completed"].as_u64().unwrap_or(0)
-            })?;
-            if now - completed >= count || Instant::now() >= deadline {
-                break now - completed;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        },
+        })
     };
-    Ok(JobRun {
-        done,
-        elapsed: started.elapsed(),
-    })
+    let acknowledged_before = acknowledged()?;
+    let started = Instant::now();
+    enqueue(server, count)?;
+    let run = wait_done(started, count, || {
+        workers.ran.load(Ordering::Relaxed) - before
+    });
+    let deadline = Instant::now() + OPERATION_LIMIT;
+    while acknowledged()? - acknowledged_before < run.done {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "completions were not acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(run)
+}
+
+/// Acks off: enqueue `count` push-only jobs, wait until the PULL workers
+/// have them all.
+fn bus_push_run(server: &BusServer, pull: &PullWorkers, count: u64) -> anyhow::Result<JobRun> {
+    let before = pull.total();
+    let started = Instant::now();
+    enqueue(server, count)?;
+    Ok(wait_done(started, count, || pull.total() - before))
 }
 
 /// Four bare PULL sockets on threads of their own, counting jobs.
@@ -302,14 +319,7 @@ fn raw_push_run(push: &Socket, pull: &PullWorkers, count: u64) -> anyhow::Result
         push.send(Message::from(&body[..]))
             .map_err(|(_, err)| err)?;
     }
-    let deadline = started + RUN_LIMIT;
-    while pull.total() - before < count && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    Ok(JobRun {
-        done: pull.total() - before,
-        elapsed: started.elapsed(),
-    })
+    Ok(wait_done(started, count, || pull.total() - before))
 }
 
 /// A bare REP server speaking the lease protocol's traffic: a lease gets a
@@ -480,15 +490,9 @@ fn raw_lease_run(server: &RawLeaseServer, count: u64) -> JobRun {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .extend(bodies);
-    let deadline = started + RUN_LIMIT;
-    let done = || server.completed.load(Ordering::Relaxed) - before;
-    while done() < count && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    JobRun {
-        done: done(),
-        elapsed: started.elapsed(),
-    }
+    wait_done(started, count, || {
+        server.completed.load(Ordering::Relaxed) - before
+    })
 }
 
 /// # Errors
@@ -505,7 +509,7 @@ pub fn workers(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
         ..EdgeSet::NONE
     };
     let lease_bus = BusServer::start(config_with(command_edge).command_address(&lease_url))?;
-    let _lease_workers = LeaseWorkers::start(&lease_url)?;
+    let lease_workers = LeaseWorkers::start(&lease_url)?;
     let raw_lease_url = transport.url(dir.path(), "raw-lease");
     let raw_lease = RawLeaseServer::listen(&raw_lease_url)?;
     let _raw_lease_workers = RawLeaseWorkers::start(&raw_lease_url)?;
@@ -529,7 +533,7 @@ pub fn workers(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
     let raw_pull = PullWorkers::dial(&raw_push_url)?;
 
     // Every PULL worker connected: the probes arrive.
-    bus_run(&push_bus, WORKERS as u64, Some(&bus_pull))?;
+    bus_push_run(&push_bus, &bus_pull, WORKERS as u64)?;
     bus_pull.wait_for(WORKERS as u64)?;
     raw_push_run(&raw_push, &raw_pull, WORKERS as u64)?;
 
@@ -537,9 +541,9 @@ pub fn workers(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
     for round in 0..=budget.rounds {
         let count = if round == 0 { count / 4 } else { count };
         let measured = [
-            bus_run(&lease_bus, count, None)?,
+            bus_lease_run(&lease_bus, &lease_workers, count)?,
             raw_lease_run(&raw_lease, count),
-            bus_run(&push_bus, count, Some(&bus_pull))?,
+            bus_push_run(&push_bus, &bus_pull, count)?,
             raw_push_run(&raw_push, &raw_pull, count)?,
         ];
         if round > 0 {

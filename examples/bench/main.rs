@@ -18,6 +18,7 @@ mod commands;
 mod dispatch;
 mod events;
 mod jobs;
+mod memory;
 mod raw;
 mod server;
 mod table;
@@ -194,6 +195,7 @@ fn run_workload(name: &str, budget: &Budget) -> Vec<Outcome> {
         "throughput" => per_transport("2 x32 clients", commands::concurrent),
         "events" => per_transport("4 events", events::fan_out),
         "jobs" => per_transport("5 jobs", jobs::workers),
+        "memory" => vec![("6 serve memory", "ipc", memory::peak_memory(budget))],
         "dispatch" => vec![(
             "3 in-process dispatch",
             "in-proc",
