@@ -11,7 +11,7 @@
 mod common;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,8 +31,8 @@ use dgbit_bus::supervisor::{FaultKind, InjectFault, RoleState, SupervisedRole};
 use dgbit_bus::topics::Pattern;
 use dgbit_bus::wire::{CommandRequest, Event, JobMessage};
 use futures::StreamExt;
-use serde_json::{json, Value};
 use nng::options::Options;
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use common::{ServeProcess, TestAddresses};
@@ -77,10 +77,7 @@ async fn fast_bus(addresses: &TestAddresses) -> BusHandle {
         .restart_policy(fast_policy())
         .start()
         .expect("the bus starts");
-    assert!(
-        bus.wait_for_edges(DEADLINE).await,
-        "the edges did not open"
-    );
+    assert!(bus.wait_for_edges(DEADLINE).await, "the edges did not open");
     bus
 }
 
@@ -238,7 +235,10 @@ async fn the_command_router_comes_back_on_schedule_while_the_data_bus_serves() {
     )
     .await;
 
-    assert_undisturbed("data bus during command router crashes", &pinger.finish().await);
+    assert_undisturbed(
+        "data bus during command router crashes",
+        &pinger.finish().await,
+    );
     let command = client(&addresses.addresses.command).await;
     until_pong(&command, "the restarted command router").await;
     bus.shutdown().await;
@@ -250,9 +250,18 @@ async fn the_data_router_comes_back_on_schedule_while_the_command_bus_serves() {
     let bus = fast_bus(&addresses).await;
     let pinger = Pinger::start(&addresses.addresses.command).await;
 
-    crash_on_schedule("data router", bus.data_router(), &fast_policy(), &EVERY_FAULT).await;
+    crash_on_schedule(
+        "data router",
+        bus.data_router(),
+        &fast_policy(),
+        &EVERY_FAULT,
+    )
+    .await;
 
-    assert_undisturbed("command bus during data router crashes", &pinger.finish().await);
+    assert_undisturbed(
+        "command bus during data router crashes",
+        &pinger.finish().await,
+    );
     let data = client(&addresses.addresses.data).await;
     until_pong(&data, "the restarted data router").await;
     bus.shutdown().await;
@@ -275,7 +284,10 @@ async fn the_command_edge_comes_back_on_schedule_and_serves_while_the_data_bus_s
 
     let tries = until_pong(&command, "the reopened command edge").await;
     eprintln!("command edge: the old client got a pong after {tries} tries");
-    assert_undisturbed("data bus during command edge crashes", &pinger.finish().await);
+    assert_undisturbed(
+        "data bus during command edge crashes",
+        &pinger.finish().await,
+    );
     assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
     bus.shutdown().await;
 }
@@ -292,7 +304,10 @@ async fn the_data_edge_comes_back_on_schedule_and_serves_while_the_command_bus_s
 
     let tries = until_pong(&data, "the reopened data edge").await;
     eprintln!("data edge: the old client got a pong after {tries} tries");
-    assert_undisturbed("command bus during data edge crashes", &pinger.finish().await);
+    assert_undisturbed(
+        "command bus during data edge crashes",
+        &pinger.finish().await,
+    );
     assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
     bus.shutdown().await;
 }
@@ -314,7 +329,10 @@ impl Handler<EventDelivery> for Recorder {
     }
 }
 
-fn recorder() -> (Recipient<EventDelivery>, mpsc::UnboundedReceiver<Arc<Event>>) {
+fn recorder() -> (
+    Recipient<EventDelivery>,
+    mpsc::UnboundedReceiver<Arc<Event>>,
+) {
     let (events, received) = mpsc::unbounded_channel();
     (Recorder { events }.start().recipient(), received)
 }
@@ -367,7 +385,10 @@ async fn the_publisher_comes_back_on_schedule_and_events_flow_again_locally_and_
 
     crash_on_schedule("publisher", bus.publisher(), &fast_policy(), &EVERY_FAULT).await;
 
-    assert_undisturbed("command bus during publisher crashes", &command.finish().await);
+    assert_undisturbed(
+        "command bus during publisher crashes",
+        &command.finish().await,
+    );
     assert_undisturbed("data bus during publisher crashes", &data.finish().await);
     let local_tries = until_event_flows(&bus, &mut local_events, "after").await;
     let remote_tries = until_event_flows(&bus, &mut remote_events, "after-remote").await;
@@ -399,7 +420,10 @@ async fn the_event_edge_comes_back_on_schedule_and_remote_subscribers_hear_again
 
     let tries = until_event_flows(&bus, &mut remote_events, "after").await;
     eprintln!("event edge: the old subscriber heard again after {tries} publish(es)");
-    assert_undisturbed("command bus during event edge crashes", &pinger.finish().await);
+    assert_undisturbed(
+        "command bus during event edge crashes",
+        &pinger.finish().await,
+    );
     assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
     sub.close();
     bus.shutdown().await;
@@ -478,7 +502,10 @@ async fn a_role_past_its_restart_budget_is_given_up_reported_and_fatal_while_the
         status["roles"]["data"]["supervision"]["state"], "gave_up",
         "{status}"
     );
-    assert_undisturbed("command bus while the data router gave up", &pinger.finish().await);
+    assert_undisturbed(
+        "command bus while the data router gave up",
+        &pinger.finish().await,
+    );
     bus.shutdown().await;
 }
 
@@ -523,7 +550,7 @@ fn square_handler() -> Recipient<Command> {
 
 /// The `i`th of the background commands and the result it must get.
 fn command_number(i: u64) -> (&'static str, Value, Value) {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         ("square", json!({"n": i}), json!({"square": i * i}))
     } else {
         ("echo", json!({"n": i}), json!({"echo": {"n": i}}))
@@ -876,7 +903,9 @@ async fn requests_queued_in_a_crashing_routers_mailbox_get_shutting_down_not_sil
         slowest.as_millis()
     );
     assert!(
-        codes.iter().all(|code| matches!(code, Some("shutting_down" | "overloaded" | "ok"))),
+        codes
+            .iter()
+            .all(|code| matches!(code, Some("shutting_down" | "overloaded" | "ok"))),
         "a request went unanswered: {codes:?}"
     );
     assert!(
@@ -934,7 +963,10 @@ async fn the_dispatcher_comes_back_on_schedule_with_its_queue_while_the_buses_se
 
     crash_on_schedule("dispatcher", bus.dispatcher(), &fast_policy(), &EVERY_FAULT).await;
 
-    assert_undisturbed("command bus during dispatcher crashes", &command.finish().await);
+    assert_undisturbed(
+        "command bus during dispatcher crashes",
+        &command.finish().await,
+    );
     assert_undisturbed("data bus during dispatcher crashes", &data.finish().await);
     let (worker, mut ran) = job_recorder(false);
     bus.register_worker("fault.test", worker, 2)
@@ -988,7 +1020,10 @@ async fn the_dead_letter_actor_comes_back_on_schedule_with_its_store_while_the_b
     )
     .await;
 
-    assert_undisturbed("command bus during dead letter crashes", &command.finish().await);
+    assert_undisturbed(
+        "command bus during dead letter crashes",
+        &command.finish().await,
+    );
     assert_undisturbed("data bus during dead letter crashes", &data.finish().await);
     assert_eq!(dead_letter_total(&admin).await, json!(1));
     eprintln!("dead letters: the entry stored before three crashes is listed after them");
@@ -1029,7 +1064,10 @@ async fn the_queue_edge_comes_back_on_schedule_and_a_pull_peer_gets_jobs_again()
     .expect("the pull peer receives a job");
     let job: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(job["job_id"], json!(id));
-    assert_undisturbed("command bus during queue edge crashes", &pinger.finish().await);
+    assert_undisturbed(
+        "command bus during queue edge crashes",
+        &pinger.finish().await,
+    );
     assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
     bus.shutdown().await;
 }
@@ -1054,7 +1092,10 @@ fn clock_ticks_per_second() -> u64 {
         .arg("CLK_TCK")
         .output()
         .expect("getconf runs");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(100)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(100)
 }
 
 /// `dgbit-bus send <command>` to the bus at `addresses`, with a short
@@ -1080,7 +1121,10 @@ fn terminate(pid: u32) {
 }
 
 /// Wait for `child` to exit, up to `limit`.
-fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+fn exit_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
     let mut status = None;
     common::wait_until(limit, || {
         status = child.try_wait().expect("wait on the child");
@@ -1096,7 +1140,10 @@ fn spawn_serve(addresses: &Addresses, extra: &[&str], log: &std::path::Path) -> 
     let child = common::bus_command(addresses)
         .args(["serve", "--dead-letter-path", ":memory:"])
         .args(extra)
-        .env("RUST_LOG", std::env::var("SERVE_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("SERVE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).expect("a log file"))
         .spawn()
@@ -1185,7 +1232,10 @@ fn a_command_address_in_a_missing_directory_is_retried_with_growing_delays_at_lo
         "missing dir: the command bus served {} ms after the directory was created",
         created.elapsed().as_millis()
     );
-    assert!(serves, "the command bus never served after the directory appeared");
+    assert!(
+        serves,
+        "the command bus never served after the directory appeared"
+    );
 
     terminate(serve.pid());
     let exit = exit_within(&mut serve.child, Duration::from_secs(10));
@@ -1370,8 +1420,15 @@ async fn sigterm_under_load_answers_every_request_it_took_exits_zero_in_time_and
         before.len(),
         "a request sent before the signal went unanswered"
     );
-    assert_eq!(count(&before, Ending::OtherError) + count(&after, Ending::OtherError), 0);
-    assert_eq!((while_open, while_alive), (0, 0), "requests went unanswered");
+    assert_eq!(
+        count(&before, Ending::OtherError) + count(&after, Ending::OtherError),
+        0
+    );
+    assert_eq!(
+        (while_open, while_alive),
+        (0, 0),
+        "requests went unanswered"
+    );
     assert!(status.is_some_and(|status| status.success()), "{status:?}");
     assert!(exited - signalled <= drain_deadline, "exit took too long");
     assert!(leftovers.is_empty(), "ipc files left behind: {leftovers:?}");
@@ -1380,7 +1437,9 @@ async fn sigterm_under_load_answers_every_request_it_took_exits_zero_in_time_and
 /// How many `echo` requests the bus has answered `ok` so far.
 async fn serve_echoes(client: &BusClient) -> u64 {
     let status = client.call("status", json!({})).await.unwrap_or_default();
-    status["roles"]["command"]["ok"].as_u64().unwrap_or_default()
+    status["roles"]["command"]["ok"]
+        .as_u64()
+        .unwrap_or_default()
 }
 
 /// Answers after `delay`.
@@ -1405,8 +1464,8 @@ impl Handler<Command> for Sleeper {
 }
 
 #[actix_rt::test]
-async fn shutdown_finishes_slow_commands_within_the_deadline_and_abandons_later_ones_with_an_error(
-) {
+async fn shutdown_finishes_slow_commands_within_the_deadline_and_abandons_later_ones_with_an_error()
+{
     const SLOW: usize = 16;
     let addresses = TestAddresses::new();
     let drain_deadline = Duration::from_secs(2);
@@ -1460,7 +1519,10 @@ async fn shutdown_finishes_slow_commands_within_the_deadline_and_abandons_later_
     let mut slowest = Duration::ZERO;
     for slow in slow_calls {
         let (outcome, at) = within("a slow reply", slow).await.unwrap();
-        assert!(outcome.is_ok(), "a slow command was not drained: {outcome:?}");
+        assert!(
+            outcome.is_ok(),
+            "a slow command was not drained: {outcome:?}"
+        );
         slowest = slowest.max(at - began);
     }
     let (stuck, stuck_at) = within("the stuck reply", stuck_call).await.unwrap();
@@ -1483,7 +1545,10 @@ async fn shutdown_finishes_slow_commands_within_the_deadline_and_abandons_later_
         "the command past the deadline got {stuck:?}"
     );
     assert!(stuck_at - began < drain_deadline + Duration::from_millis(500));
-    assert!(took < drain_deadline + Duration::from_millis(500), "{took:?}");
+    assert!(
+        took < drain_deadline + Duration::from_millis(500),
+        "{took:?}"
+    );
     let command_ipc = dgbit_bus::edge::ipc_path(&addresses.addresses.command).unwrap();
     assert!(!command_ipc.exists(), "the ipc file is left behind");
 }
@@ -1517,7 +1582,10 @@ fn serve_exits_non_zero_naming_the_role_it_gave_up_and_still_cleans_up() {
         last_line.contains("`command-edge`") && last_line.contains("given up"),
         "{stderr}"
     );
-    assert!(stderr.contains("role given up"), "no give-up log line: {stderr}");
+    assert!(
+        stderr.contains("role given up"),
+        "no give-up log line: {stderr}"
+    );
     let leftovers: Vec<_> = [&addresses.data, &addresses.event, &addresses.job_queue]
         .iter()
         .filter_map(|url| dgbit_bus::edge::ipc_path(url))
