@@ -53,6 +53,9 @@ pub struct ServeArgs {
     /// Seconds between `system.health` events.
     #[arg(long, default_value_t = 10.0)]
     pub health_interval_s: f64,
+    /// Replies remembered for duplicate suppression (each kept 10 minutes).
+    #[arg(long, default_value_t = 10_000)]
+    pub dedup_capacity: usize,
     /// Seconds a leasing worker may stay silent before its job is
     /// redelivered (every report renews the lease).
     #[arg(long, env = "DGBIT_JOB_LEASE_S", default_value_t = 30.0)]
@@ -123,6 +126,7 @@ impl ServeArgs {
             push_job_types: self.push_job_types.iter().cloned().collect(),
             backlog_alert: self.backlog_alert,
             health_interval: Duration::from_secs_f64(self.health_interval_s.max(0.1)),
+            dedup_capacity: self.dedup_capacity,
             job_lease: Duration::from_secs_f64(self.job_lease_s.max(0.1)),
             ipc_permissions: self.ipc_mode,
             allow_wildcard_listen: self.allow_wildcard_listen,
