@@ -70,6 +70,8 @@ pub const REPLY_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_mil
 pub enum BusError {
     #[error("cannot open the dead letter store: {0}")]
     DeadLetters(#[from] DeadLetterError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Collects handlers, then starts the bus.
@@ -159,8 +161,11 @@ impl BusBuilder {
     /// # Errors
     ///
     /// [`BusError::DeadLetters`] when the dead letter store cannot be
-    /// opened (a path in a missing directory, a file that is not SQLite).
+    /// opened (a path in a missing directory, a file that is not SQLite);
+    /// [`BusError::Config`] for a wildcard listen address that the config
+    /// does not allow.
     pub fn start(self) -> Result<BusHandle, BusError> {
+        self.config.check_listen_addresses()?;
         let (fatal_sender, fatal) = watch::channel(None);
         let mut roles = RoleSet {
             policy: self.policy,

@@ -269,6 +269,9 @@ pub fn run_dlq(args: &DlqArgs, addresses: &AddressArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How much longer than its lease wait a worker waits for any reply.
+const LINK_MARGIN: Duration = Duration::from_secs(5);
+
 /// Run a worker process until SIGINT/SIGTERM, then drain.
 ///
 /// `handlers` is called inside the worker's actix system to start the
@@ -299,7 +302,11 @@ where
             !handlers.is_empty(),
             "no handler for the requested job types"
         );
-        let mut worker = JobWorker::connect(&url, options, ClientOptions::default()).await?;
+        // A lease waits at most `lease_wait` on the bus: a reply later than
+        // that plus a margin means the link is gone, so the worker finds out
+        // in seconds rather than after the default 30 s.
+        let client = ClientOptions::default().timeout(options.lease_wait + LINK_MARGIN);
+        let mut worker = JobWorker::connect(&url, options, client).await?;
         for (job_type, handler) in handlers {
             worker = worker.handler(job_type, handler);
         }
