@@ -30,6 +30,7 @@
 use actix::prelude::*;
 use serde_json::{json, Value};
 use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use tracing::{error, warn};
@@ -47,7 +48,7 @@ use crate::dispatcher::{
 use crate::edge::listener::{Edge, EdgeActor, EdgeOpener, EdgeSlot};
 use crate::edge::publish::PubEdge;
 use crate::edge::push::{PushEdge, DEFAULT_PUSH_TIMEOUT};
-use crate::edge::rep::{InboundSink, RepEdge};
+use crate::edge::rep::{Inbound, InboundSink, RepEdge};
 use crate::edge::EdgeOptions;
 use crate::message::{
     Command, EventDelivery, EventSink, HandlerError, Publish, RunJob, StatsQuery,
@@ -218,6 +219,7 @@ impl BusBuilder {
         }
 
         let mut rep_slots = Vec::new();
+        let stopping = Arc::new(AtomicBool::new(false));
         for (enabled, role, url, router) in [
             (
                 config.edges.command,
@@ -233,7 +235,7 @@ impl BusBuilder {
             ),
         ] {
             if enabled {
-                let opener = rep_opener(url, &config, &options, router.clone());
+                let opener = rep_opener(url, &config, &options, router.clone(), stopping.clone());
                 rep_slots.push(roles.edge(role, opener, &events));
             }
         }
@@ -259,6 +261,7 @@ impl BusBuilder {
             queue_slot,
             roles: Arc::new(roles.health),
             edge_roles: Arc::new(roles.edge_roles),
+            stopping,
             fatal,
         })
     }
@@ -642,19 +645,38 @@ fn edge_options(config: &BusConfig) -> EdgeOptions {
 
 /// Opens the REP edge of `url`, feeding `router`. A request that arrives
 /// while the router restarts is answered `overloaded` at once; once the
-/// router is given up or shut down, `shutting_down`.
+/// router is given up or shut down, or `stopping` is set, `shutting_down`.
 fn rep_opener(
     url: &str,
     config: &BusConfig,
     options: &EdgeOptions,
     router: SupervisedRole<CommandRouter>,
+    stopping: Arc<AtomicBool>,
 ) -> EdgeOpener<RepEdge> {
-    let sink: InboundSink = Arc::new(move |inbound| match router.do_send(inbound) {
-        Ok(()) => {}
-        Err(RoleSendError::Lost) => {
+    let sink: InboundSink = Arc::new(move |inbound| {
+        // While the routers stop, the role may briefly look like it is
+        // restarting; the flag keeps that from being answered `overloaded`.
+        let refused = if stopping.load(Ordering::Acquire) {
+            RoleSendError::ShutDown(inbound)
+        } else {
+            match router.do_send(inbound) {
+                Ok(()) => return,
+                Err(refused) => refused,
+            }
+        };
+        refuse(&router, refused);
+    });
+    let (url, options, contexts) = (url.to_string(), options.clone(), config.contexts_per_socket);
+    Arc::new(move || RepEdge::listen(&url, &options, contexts, sink.clone()))
+}
+
+/// Answer a request `router` did not take.
+fn refuse(router: &SupervisedRole<CommandRouter>, refused: RoleSendError<Inbound>) {
+    match refused {
+        RoleSendError::Lost => {
             warn!(role = router.role(), "request lost to a stopping router")
         }
-        Err(refused) => {
+        refused => {
             let (code, text) = if refused.is_closed() {
                 (
                     code::SHUTTING_DOWN,
@@ -671,9 +693,7 @@ fn rep_opener(
                 inbound.reply.send(reply.encode());
             }
         }
-    });
-    let (url, options, contexts) = (url.to_string(), options.clone(), config.contexts_per_socket);
-    Arc::new(move || RepEdge::listen(&url, &options, contexts, sink.clone()))
+    }
 }
 
 /// A running bus. [`BusHandle::shutdown`] drains it and closes its edges.
@@ -693,6 +713,9 @@ pub struct BusHandle {
     queue_slot: Option<EdgeSlot<PushEdge>>,
     roles: Arc<Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>>,
     edge_roles: Arc<Vec<(&'static str, Box<dyn Any + Send + Sync>)>>,
+    /// Set at shutdown once the drain is over: the REP edges then answer
+    /// every request `shutting_down` themselves.
+    stopping: Arc<AtomicBool>,
     fatal: watch::Receiver<Option<String>>,
 }
 
@@ -914,6 +937,7 @@ impl BusHandle {
     /// that arrive afterwards are answered `shutting_down` by the edge.
     /// Then give those replies [`REPLY_FLUSH_GRACE`] to leave.
     async fn abandon_commands(&self) {
+        self.stopping.store(true, Ordering::Release);
         for router in [&self.command_router, &self.data_router] {
             router.shutdown();
         }
