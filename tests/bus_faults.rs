@@ -1288,7 +1288,10 @@ fn echo_load(
                         Err(ClientError::Remote { code, .. }) if code == "shutting_down" => {
                             Ending::ShuttingDown
                         }
-                        Err(ClientError::Remote { .. }) => Ending::OtherError,
+                        Err(ClientError::Remote { code, message }) => {
+                            eprintln!("echo load: unexpected error reply {code}: {message}");
+                            Ending::OtherError
+                        }
                         Err(_) => Ending::NoReply,
                     };
                     sent.push(Sent { at, ending });
