@@ -34,9 +34,18 @@ pub struct ReplySlot {
     aio: Aio,
     counters: Arc<RepCounters>,
     sent: bool,
+    /// What the `shutting_down` reply of an unanswered slot echoes.
+    echo: Echo,
 }
 
 impl ReplySlot {
+    /// Name the request this slot answers, once it is decoded, so that the
+    /// `shutting_down` reply of a slot dropped unanswered (its router
+    /// crashed or stopped) still echoes its `job_uuid` and `request_id`.
+    pub fn remember_echo(&mut self, echo: Echo) {
+        self.echo = echo;
+    }
+
     /// Send `body` as the reply and re-arm the context.
     pub fn send(mut self, body: Vec<u8>) {
         self.sent = true;
@@ -57,7 +66,7 @@ impl Drop for ReplySlot {
     fn drop(&mut self) {
         if !self.sent {
             let reply = CommandReply::error(
-                Echo::default(),
+                std::mem::take(&mut self.echo),
                 code::SHUTTING_DOWN,
                 "the bus dropped this request before answering it",
             );
@@ -139,6 +148,7 @@ impl RepEdge {
                     aio,
                     counters: counters.clone(),
                     sent: false,
+                    echo: Echo::default(),
                 };
                 sink(Inbound { body, reply });
             }
