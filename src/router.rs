@@ -416,10 +416,13 @@ impl Handler<Inbound> for CommandRouter {
 
     fn handle(&mut self, inbound: Inbound, ctx: &mut Self::Context) {
         self.counters.received += 1;
-        let reply_to = ReplyTo::Edge(inbound.reply);
-        match CommandRequest::decode(&inbound.body, self.settings.max_message_size) {
-            Ok(request) => self.accept(request, reply_to, ctx),
-            Err(err) => self.reject(&inbound.body, err, reply_to, ctx),
+        let Inbound { body, mut reply } = inbound;
+        match CommandRequest::decode(&body, self.settings.max_message_size) {
+            Ok(request) => {
+                reply.remember_echo(request.echo());
+                self.accept(request, ReplyTo::Edge(reply), ctx)
+            }
+            Err(err) => self.reject(&body, err, ReplyTo::Edge(reply), ctx),
         }
     }
 }
