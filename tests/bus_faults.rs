@@ -739,11 +739,13 @@ async fn requests_in_flight_in_a_crashing_router_get_shutting_down_at_once_not_a
             .unwrap(),
     );
     let calls: Vec<_> = (0..HELD)
-        .map(|_| {
+        .map(|n| {
             let client = client.clone();
             actix_rt::spawn(async move {
-                let outcome = client.call("hold", json!({})).await;
-                (outcome, Instant::now())
+                let mut request = CommandRequest::new("hold", json!({}));
+                request.job_uuid = Some(format!("held-{n}"));
+                let outcome = client.request(&request).await;
+                (n, outcome, Instant::now())
             })
         })
         .collect();
@@ -762,12 +764,11 @@ async fn requests_in_flight_in_a_crashing_router_get_shutting_down_at_once_not_a
         .unwrap();
     let mut slowest = Duration::ZERO;
     for call in calls {
-        let (outcome, answered_at) = within("a held reply", call).await.unwrap();
+        let (n, outcome, answered_at) = within("a held reply", call).await.unwrap();
         slowest = slowest.max(answered_at - injected);
-        assert!(
-            matches!(&outcome, Err(ClientError::Remote { code, .. }) if code == "shutting_down"),
-            "{outcome:?}"
-        );
+        let reply = outcome.expect("a reply, not a client error").to_value();
+        assert_eq!(reply["code"], "shutting_down", "{reply}");
+        assert_eq!(reply["job_uuid"], format!("held-{n}"), "{reply}");
     }
     within(
         "the crash to be seen",
@@ -779,7 +780,7 @@ async fn requests_in_flight_in_a_crashing_router_get_shutting_down_at_once_not_a
     let tries = until_pong(&client, "the restarted router").await;
 
     eprintln!(
-        "router crash: {HELD} requests in flight all answered shutting_down, the last \
+        "router crash: {HELD} requests in flight all answered shutting_down echoing their job_uuid, the last \
          {} ms after the fault (client timeout 20 s); a ping during the restart got \
          `{during}`; served again after {tries} tries",
         slowest.as_millis()
