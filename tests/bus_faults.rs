@@ -1135,11 +1135,15 @@ fn exit_within(
 }
 
 /// A `dgbit-bus serve` child with `extra` flags, its stderr in `log`;
-/// killed when dropped. Dead letters stay in memory so that nothing is
-/// written outside the test's directory.
+/// killed when dropped. Dead letters stay in memory unless `extra` names a
+/// file, so that nothing is written outside the test's directory.
 fn spawn_serve(addresses: &Addresses, extra: &[&str], log: &std::path::Path) -> ServeProcess {
-    let child = common::bus_command(addresses)
-        .args(["serve", "--dead-letter-path", ":memory:"])
+    let mut serve = common::bus_command(addresses);
+    serve.arg("serve");
+    if !extra.contains(&"--dead-letter-path") {
+        serve.args(["--dead-letter-path", ":memory:"]);
+    }
+    let child = serve
         .args(extra)
         .env(
             "RUST_LOG",
@@ -1596,4 +1600,52 @@ fn serve_exits_non_zero_naming_the_role_it_gave_up_and_still_cleans_up() {
         .filter(|path| path.exists())
         .collect();
     assert!(leftovers.is_empty(), "ipc files left behind: {leftovers:?}");
+}
+
+#[actix_rt::test]
+async fn sigterm_keeps_the_jobs_it_did_not_hand_out_for_the_next_start() {
+    const JOBS: usize = 20;
+    let dir = TestAddresses::new();
+    let addresses = dir.addresses.clone();
+    let store = dir.path().join("dead_letters.sqlite");
+    let store = store.to_str().unwrap();
+    let extra = ["--dead-letter-path", store, "--drain-deadline-s", "2"];
+    let mut first = spawn_serve(&addresses, &extra, &dir.path().join("first.log"));
+    let producer = client(&addresses.command).await;
+    until_pong(&producer, "the first serve child").await;
+    let mut enqueued = Vec::new();
+    for n in 0..JOBS {
+        let payload = json!({"job_type": "kept", "payload": {"n": n}});
+        let queued = producer.call("bus.enqueue", payload).await.unwrap();
+        enqueued.push(queued["job_id"].as_str().unwrap().to_string());
+    }
+
+    terminate(first.pid());
+    let exit = exit_within(&mut first.child, Duration::from_secs(10));
+    assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
+    let second = spawn_serve(&addresses, &extra, &dir.path().join("second.log"));
+    let admin = client(&addresses.command).await;
+    until_pong(&admin, "the second serve child").await;
+    let listed = admin
+        .call("bus.dlq.list", json!({"limit": 100}))
+        .await
+        .unwrap();
+
+    let mut kept: Vec<String> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["job_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    eprintln!(
+        "sigterm with a queue: {JOBS} queued jobs, {} kept as dead letters for the next start, \
+         e.g. {}",
+        kept.len(),
+        listed["entries"][0]
+    );
+    kept.sort();
+    enqueued.sort();
+    assert_eq!(kept, enqueued);
+    terminate(second.pid());
+    drop(second);
 }
