@@ -21,7 +21,8 @@
 //!     .start();
 //!     let bus = Bus::builder(BusConfig::from_env())
 //!         .command("echo", echo.recipient())
-//!         .start();
+//!         .start()
+//!         .expect("the dead letter store opens");
 //!     // ... serve until asked to stop ...
 //!     bus.shutdown().await;
 //! }
