@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use dgbit_bus::client::{BusClient, ClientOptions};
 
-use crate::raw::{RawEchoServer, RawLoad, RawReqClient, Throughput, OPERATION_LIMIT};
+use crate::cpu::{CpuSample, CpuUse};
+use crate::raw::{Answer, RawEchoServer, RawLoad, RawReqClient, Throughput, OPERATION_LIMIT};
 use crate::server::command_bus;
 use crate::table::{Row, Tail, Target};
 use crate::transport::{next_id, RequestTemplate, Transport};
@@ -28,6 +29,9 @@ const RAW_CONTEXTS: usize = 128;
 /// Round trips before measuring, per client and server.
 const WARM_UP: usize = 200;
 
+/// Round trips per pair before the next pair's turn.
+const LATENCY_BLOCK: usize = 100;
+
 /// Workload 1: one client, one request at a time; p50/p99 latency.
 ///
 /// # Errors
@@ -37,48 +41,67 @@ pub fn round_trip(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
     let dir = tempfile::tempdir()?;
     let bus_url = transport.url(dir.path(), "bus");
     let _bus = command_bus(&bus_url)?;
-    let raw = RawEchoServer::listen(&transport.url(dir.path(), "raw"), RAW_CONTEXTS)?;
+    let raw = RawEchoServer::listen(
+        &transport.url(dir.path(), "raw"),
+        RAW_CONTEXTS,
+        Answer::Echo,
+    )?;
+    let codec_url = transport.url(dir.path(), "codec");
+    let codec = RawEchoServer::listen(&codec_url, RAW_CONTEXTS, Answer::Codec)?;
     let runtime = client_runtime()?;
     let template = RequestTemplate::new();
 
     let bus_client = runtime.block_on(connect(&bus_url))?;
     let raw_to_bus = RawReqClient::dial(&bus_url)?;
     let raw_client = RawReqClient::dial(raw.url())?;
+    let codec_client = RawReqClient::dial(codec.url())?;
 
+    // Blocks of round trips cycle through the four pairs, so that a change
+    // in the machine's load falls on all of them alike.
     let mut through_client = Vec::new();
     let mut through_raw_req = Vec::new();
     let mut baseline = Vec::new();
-    for round in 0..=budget.rounds {
-        let count = if round == 0 {
-            WARM_UP
-        } else {
-            budget.round_trips
-        };
-        let keep = round > 0;
-        let deadline = Instant::now() + budget.round;
-        let samples = runtime.block_on(bus_round_trips(&bus_client, &template, count, deadline))?;
-        keep_if(keep, &mut through_client, samples);
-        let deadline = Instant::now() + budget.round;
-        let samples = raw_round_trips(&raw_to_bus, &template, count, deadline)?;
-        keep_if(keep, &mut through_raw_req, samples);
-        let deadline = Instant::now() + budget.round;
-        let samples = raw_round_trips(&raw_client, &template, count, deadline)?;
-        keep_if(keep, &mut baseline, samples);
+    let mut with_codec = Vec::new();
+    let total = budget.round_trips * budget.rounds;
+    let deadline = Instant::now() + budget.round * (budget.rounds as u32) * 4;
+    let mut warming = true;
+    while through_client.len() < total && Instant::now() < deadline {
+        let count = if warming { WARM_UP } else { LATENCY_BLOCK };
+        let samples = runtime.block_on(bus_round_trips(&bus_client, &template, count))?;
+        keep_if(!warming, &mut through_client, samples);
+        for (client, into) in [
+            (&raw_to_bus, &mut through_raw_req),
+            (&raw_client, &mut baseline),
+            (&codec_client, &mut with_codec),
+        ] {
+            keep_if(!warming, into, raw_round_trips(client, &template, count)?);
+        }
+        warming = false;
     }
 
     let name = transport.name();
-    let raw_tail = Tail::of(&mut baseline);
-    let row = |workload: &str, samples: &mut Vec<Duration>| {
-        let bus_tail = Tail::of(samples);
-        let p50 = |tail: Option<Tail>| tail.map_or(f64::NAN, |t| t.p50.as_secs_f64() * 1e6);
+    let p50 = |tail: Option<Tail>| tail.map_or(f64::NAN, |t| t.p50.as_secs_f64() * 1e6);
+    let row = |workload: &str, samples: &mut Vec<Duration>, base: &mut Vec<Duration>| {
+        let (bus_tail, base_tail) = (Tail::of(samples), Tail::of(base));
         Row::new(workload, name, "us p50")
-            .figures(p50(bus_tail), p50(raw_tail))
-            .tails(bus_tail, raw_tail)
-            .note(format!("{} / {} samples", samples.len(), baseline.len()))
+            .figures(p50(bus_tail), p50(base_tail))
+            .tails(bus_tail, base_tail)
+            .note(format!("{} / {} samples", samples.len(), base.len()))
     };
+    let mut echo = baseline.clone();
     Ok(vec![
-        row("1 round trip, BusClient", &mut through_client).target(Target::AtMost(1.15)),
-        row("1 round trip, raw REQ to bus", &mut through_raw_req),
+        row("1 round trip, BusClient", &mut through_client, &mut echo).target(Target::AtMost(1.15)),
+        row(
+            "1 round trip, raw REQ to bus",
+            &mut through_raw_req,
+            &mut baseline,
+        ),
+        row(
+            "1 round trip, raw REQ to bus vs codec-only server",
+            &mut through_raw_req.clone(),
+            &mut with_codec,
+        )
+        .note("baseline: raw REP answering with the bus's codec, no actors"),
     ])
 }
 
@@ -88,16 +111,14 @@ fn keep_if(keep: bool, into: &mut Vec<Duration>, samples: Vec<Duration>) {
     }
 }
 
-/// Up to `count` sequential requests through `client`, stopping at
-/// `deadline`.
+/// `count` sequential requests through `client`.
 async fn bus_round_trips(
     client: &BusClient,
     template: &RequestTemplate,
     count: usize,
-    deadline: Instant,
 ) -> anyhow::Result<Vec<Duration>> {
     let mut samples = Vec::with_capacity(count);
-    while samples.len() < count && Instant::now() < deadline {
+    while samples.len() < count {
         let request = template.request(next_id());
         let started = Instant::now();
         let reply = client.request(&request).await?;
@@ -111,10 +132,9 @@ fn raw_round_trips(
     client: &RawReqClient,
     template: &RequestTemplate,
     count: usize,
-    deadline: Instant,
 ) -> anyhow::Result<Vec<Duration>> {
     let mut samples = Vec::with_capacity(count);
-    while samples.len() < count && Instant::now() < deadline {
+    while samples.len() < count {
         samples.push(client.round_trip(template.body(next_id()))?);
     }
     Ok(samples)
@@ -130,7 +150,13 @@ pub fn concurrent(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
     let dir = tempfile::tempdir()?;
     let bus_url = transport.url(dir.path(), "bus");
     let _bus = command_bus(&bus_url)?;
-    let raw = RawEchoServer::listen(&transport.url(dir.path(), "raw"), RAW_CONTEXTS)?;
+    let raw = RawEchoServer::listen(
+        &transport.url(dir.path(), "raw"),
+        RAW_CONTEXTS,
+        Answer::Echo,
+    )?;
+    let codec_url = transport.url(dir.path(), "codec");
+    let codec = RawEchoServer::listen(&codec_url, RAW_CONTEXTS, Answer::Codec)?;
     let python = PythonServer::start(&transport.url(dir.path(), "python"));
     let runtime = client_runtime()?;
     let template = RequestTemplate::new();
@@ -142,49 +168,87 @@ pub fn concurrent(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
         anyhow::Ok(clients)
     })?;
 
-    let mut through_clients = Throughput::default();
-    let mut through_raw_req = Throughput::default();
-    let mut baseline = Throughput::default();
-    let mut against_python = Throughput::default();
+    let to_bus = RawLoad::dial(&bus_url, CLIENTS)?;
+    let to_raw = RawLoad::dial(raw.url(), CLIENTS)?;
+    let to_codec = RawLoad::dial(codec.url(), CLIENTS)?;
+    let to_python = match &python {
+        Ok(python) => Some(RawLoad::dial(&python.url, CLIENTS)?),
+        Err(_) => None,
+    };
+
+    let mut through_clients = (Throughput::default(), CpuUse::default());
+    let mut through_raw_req = (Throughput::default(), CpuUse::default());
+    let mut baseline = (Throughput::default(), CpuUse::default());
+    let mut with_codec = (Throughput::default(), CpuUse::default());
+    let mut against_python = (Throughput::default(), CpuUse::default());
     let warm_up = Duration::from_millis(100);
     for round in 0..=budget.rounds {
         let length = if round == 0 { warm_up } else { budget.round };
-        let keep = |total: &mut Throughput, run: Throughput| {
+        let keep = |total: &mut (Throughput, CpuUse), sample: CpuSample, run: Throughput| {
             if round > 0 {
-                total.add(run);
+                total.0.add(run);
+                total.1.add(&CpuSample::now().since(&sample));
             }
         };
+        let sample = CpuSample::now();
         let run = runtime.block_on(bus_load(&clients, &template, length));
-        keep(&mut through_clients, run);
-        keep(
-            &mut through_raw_req,
-            RawLoad::dial(&bus_url, CLIENTS)?.run(length)?,
-        );
-        keep(
-            &mut baseline,
-            RawLoad::dial(raw.url(), CLIENTS)?.run(length)?,
-        );
-        if let Ok(python) = &python {
-            keep(
-                &mut against_python,
-                RawLoad::dial(&python.url, CLIENTS)?.run(length)?,
-            );
+        keep(&mut through_clients, sample, run);
+        for (load, total) in [
+            (&to_bus, &mut through_raw_req),
+            (&to_raw, &mut baseline),
+            (&to_codec, &mut with_codec),
+        ] {
+            let sample = CpuSample::now();
+            keep(total, sample, load.run(length)?);
+        }
+        if let Some(load) = &to_python {
+            let sample = CpuSample::now();
+            keep(&mut against_python, sample, load.run(length)?);
         }
     }
+    let (through_clients, clients_cpu) = through_clients;
+    let (through_raw_req, raw_req_cpu) = through_raw_req;
+    let (baseline, baseline_cpu) = baseline;
+    let (with_codec, codec_cpu) = with_codec;
+    let (against_python, _) = against_python;
 
     let name = transport.name();
     let errors = |run: &Throughput| match run.errors {
         0 => String::new(),
         n => format!(", {n} errors"),
     };
-    let row = |workload: &str, run: &Throughput| {
+    let baseline_note = format!(
+        "baseline {}",
+        baseline_cpu.per_operation(baseline.completed)
+    );
+    let row = |workload: &str, run: &Throughput, cpu: &CpuUse| {
         Row::new(workload, name, "req/s")
             .figures(run.per_second(), baseline.per_second())
-            .note(format!("{} requests{}", run.completed, errors(run)))
+            .note(format!(
+                "{} requests{}; bus {}; {baseline_note}",
+                run.completed,
+                errors(run),
+                cpu.per_operation(run.completed)
+            ))
     };
     let mut rows = vec![
-        row("2 x32 clients, BusClient", &through_clients).target(Target::AtLeast(0.85)),
-        row("2 x32 clients, raw REQ to bus", &through_raw_req),
+        row("2 x32 clients, BusClient", &through_clients, &clients_cpu)
+            .target(Target::AtLeast(0.85)),
+        row(
+            "2 x32 clients, raw REQ to bus",
+            &through_raw_req,
+            &raw_req_cpu,
+        ),
+        Row::new(
+            "2 x32 clients, raw REQ to bus vs codec-only server",
+            name,
+            "req/s",
+        )
+        .figures(through_raw_req.per_second(), with_codec.per_second())
+        .note(format!(
+            "baseline: raw REP answering with the bus's codec, no actors, {}",
+            codec_cpu.per_operation(with_codec.completed)
+        )),
     ];
     rows.push(match &python {
         Ok(_) => Row::new("2 x32 clients, bus vs Python REP", name, "req/s")

@@ -57,7 +57,7 @@ const PREFIX: &[u8] = br#"{"event_type":"data."#;
 const PEER_QUEUE: i32 = 1024;
 
 /// How long deliveries must pause before a run counts as drained.
-const QUIET: Duration = Duration::from_millis(150);
+const QUIET: Duration = Duration::from_millis(100);
 
 /// How long to wait for subscribers to connect, and for a drain.
 const SETTLE_LIMIT: Duration = Duration::from_secs(5);
@@ -424,7 +424,7 @@ fn measure(
     tally: &Arc<Tally>,
     length: Duration,
 ) -> anyhow::Result<Delivery> {
-    tally.wait_quiet();
+    // Every measurement ends quiet (see below), and so does `connect`.
     tally.reset();
     let started = Instant::now();
     let published = publisher.flood(length, tally)?;
@@ -456,9 +456,14 @@ pub fn fan_out(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
     let raw = RawPublisher::listen(&raw_url)?;
     let raw_tally = Tally::new();
     let _raw_subscribers = RawSubscribers::dial(&raw_url, &raw_tally)?;
-    connect(&bus, &bus_tally)?;
-    connect(&bus_for_edges, &edge_tally)?;
-    connect(&raw, &raw_tally)?;
+    for (publisher, tally) in [
+        (&bus as &dyn Publisher, &bus_tally),
+        (&bus_for_edges, &edge_tally),
+        (&raw, &raw_tally),
+    ] {
+        connect(publisher, tally)?;
+        tally.wait_quiet();
+    }
 
     let mut to_raw_subscribers = Delivery::default();
     let mut to_edges = Delivery::default();

@@ -76,7 +76,7 @@ fn jobs_per_run(budget: &Budget) -> u64 {
     if budget.quick {
         300
     } else {
-        2000
+        1000
     }
 }
 

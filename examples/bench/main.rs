@@ -15,6 +15,7 @@
 //! every child process is killed before the program ends.
 
 mod commands;
+mod cpu;
 mod dispatch;
 mod events;
 mod jobs;
@@ -49,15 +50,15 @@ impl Budget {
             Self {
                 quick,
                 rounds: 1,
-                round: Duration::from_millis(300),
+                round: Duration::from_millis(200),
                 round_trips: 300,
             }
         } else {
             Self {
                 quick,
-                rounds: 3,
-                round: Duration::from_millis(1000),
-                round_trips: 3000,
+                rounds: 6,
+                round: Duration::from_millis(500),
+                round_trips: 1500,
             }
         }
     }

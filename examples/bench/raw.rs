@@ -13,17 +13,34 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use dgbit_bus::wire::{CommandReply, CommandRequest, Echo};
 use nng::options::{Options, RecvTimeout, SendTimeout};
 use nng::{Aio, AioResult, Context, Message, Protocol, Socket};
+use serde_json::Value;
 
 use crate::transport::{next_id, RequestTemplate};
+
+/// The bus's default message size limit, applied by the codec server too.
+const MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
 
 /// How long any single raw operation may wait before the bench calls it
 /// stuck.
 pub const OPERATION_LIMIT: Duration = Duration::from_secs(10);
 
-/// A REP server that sends every request straight back, on `contexts` NNG
-/// contexts, each cycling recv -> send -> recv inside its callback.
+/// What a raw REP server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The request's bytes, unchanged: the NNG floor.
+    Echo,
+    /// The bus's reply to the bench's echo command, built with the bus's
+    /// own codec (decode the request, `{"status": "ok", ..., "result":
+    /// <payload>}`, encode) right in the callback: everything the bus does
+    /// except actors, routing and duplicate tracking.
+    Codec,
+}
+
+/// A REP server on `contexts` NNG contexts, each cycling recv -> send ->
+/// recv inside its callback.
 pub struct RawEchoServer {
     url: String,
     socket: Socket,
@@ -35,7 +52,7 @@ impl RawEchoServer {
     /// # Errors
     ///
     /// When NNG cannot listen on `url` or allocate a context.
-    pub fn listen(url: &str, contexts: usize) -> anyhow::Result<Self> {
+    pub fn listen(url: &str, contexts: usize, answer: Answer) -> anyhow::Result<Self> {
         let socket = Socket::new(Protocol::Rep0)?;
         socket
             .listen(url)
@@ -44,7 +61,7 @@ impl RawEchoServer {
         let mut aios = Vec::with_capacity(contexts);
         for _ in 0..contexts {
             let ctx = Context::new(&socket)?;
-            let aio = echo_aio(ctx.clone(), stopping.clone())?;
+            let aio = echo_aio(ctx.clone(), stopping.clone(), answer)?;
             ctx.recv(&aio)?;
             aios.push(aio);
         }
@@ -61,14 +78,18 @@ impl RawEchoServer {
     }
 }
 
-fn echo_aio(ctx: Context, stopping: Arc<AtomicBool>) -> nng::Result<Aio> {
+fn echo_aio(ctx: Context, stopping: Arc<AtomicBool>, answer: Answer) -> nng::Result<Aio> {
     Aio::new(move |aio, result| {
         if stopping.load(Ordering::Acquire) {
             return;
         }
         match result {
             AioResult::Recv(Ok(request)) => {
-                if ctx.send(&aio, request).is_err() {
+                let reply = match answer {
+                    Answer::Echo => request,
+                    Answer::Codec => Message::from(&codec_reply(request.as_slice())[..]),
+                };
+                if ctx.send(&aio, reply).is_err() {
                     let _ = ctx.recv(&aio);
                 }
             }
@@ -79,6 +100,15 @@ fn echo_aio(ctx: Context, stopping: Arc<AtomicBool>) -> nng::Result<Aio> {
             AioResult::Sleep(_) => {}
         }
     })
+}
+
+/// The reply the bus gives the bench's echo command, without the bus.
+fn codec_reply(body: &[u8]) -> Vec<u8> {
+    let reply = match CommandRequest::decode(body, MAX_MESSAGE_SIZE) {
+        Ok(request) => CommandReply::ok(request.echo(), Value::Object(request.payload)),
+        Err(err) => CommandReply::error(Echo::salvage(body), err.code, err.message),
+    };
+    reply.encode()
 }
 
 impl Drop for RawEchoServer {
@@ -211,13 +241,16 @@ impl RawLoad {
     }
 
     /// Keep every client busy for `duration`, then wait for the requests in
-    /// flight to finish.
+    /// flight to finish. The clients can run again afterwards.
     ///
     /// # Errors
     ///
     /// When a client does not finish within [`OPERATION_LIMIT`] after the
-    /// deadline.
-    pub fn run(self, duration: Duration) -> anyhow::Result<Throughput> {
+    /// deadline; the load must not be run again then.
+    pub fn run(&self, duration: Duration) -> anyhow::Result<Throughput> {
+        self.stop.store(false, Ordering::Release);
+        self.shared.completed.store(0, Ordering::Relaxed);
+        self.shared.errors.store(0, Ordering::Relaxed);
         let started = Instant::now();
         let mut running = 0;
         for (ctx, aio) in &self.clients {
