@@ -39,8 +39,13 @@
 //! - `--serve`: after the batch, keep the bus and the workers up until
 //!   Ctrl-C, for `dgbit-bus tail`, `dgbit-bus send` and
 //!   `examples/python_peer.py`.
-//! - `--dir DIR`: put the ipc files in DIR, so that a `dgbit-bus tail '*'`
-//!   started beforehand with those addresses sees the whole batch.
+//! - `--dir DIR`: put the ipc files in DIR instead of a fresh temp dir, so
+//!   that their addresses are known before the run;
+//! - `--wait-s N`: wait N seconds after the bus is up before the batch. A
+//!   subscriber started before the bus (`dgbit-bus tail` with the `--dir`
+//!   addresses) redials every few seconds, up to 5; PUB/SUB keeps nothing
+//!   for a subscriber that is not connected yet, so with `--wait-s 6` it sees
+//!   the whole batch.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -76,6 +81,9 @@ const BATCH_LIMIT: Duration = Duration::from_secs(30);
 /// How long a worker may take to stop: its pending lease request ends
 /// within its lease wait.
 const WORKER_STOP_LIMIT: Duration = Duration::from_secs(10);
+
+/// The longest `--wait-s` honoured.
+const MAX_WAIT_S: f64 = 600.0;
 
 /// How long a worker's lease request waits for a job. Short, so that a
 /// stopping worker is not held up.
@@ -153,6 +161,10 @@ pub struct Options {
     /// instead of a fresh temp dir.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Seconds to wait after the bus is up before the batch, so that
+    /// subscribers started beforehand have connected.
+    #[arg(long, default_value_t = 0.0)]
+    pub wait_s: f64,
 }
 
 /// How a backtest reached its handler.
@@ -215,6 +227,11 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let stack = Stack::start(options.dir.clone()).await?;
     let mut events = support::tap(&stack.bus, "*")?;
     print_addresses(&stack.addresses);
+    if options.wait_s > 0.0 {
+        println!("waiting {} s for subscribers to connect", options.wait_s);
+        println!();
+        actix::clock::sleep(Duration::from_secs_f64(options.wait_s.min(MAX_WAIT_S))).await;
+    }
 
     let outcome = run_batch(&stack, &mut events).await;
     let outcome = match outcome {
@@ -395,11 +412,13 @@ fn print_addresses(addresses: &Addresses) {
     println!("  event      {}", addresses.event);
     println!("  job queue  {}", addresses.job_queue);
     println!("  data       {}", addresses.data);
-    println!("watch it from a second terminal (in this directory):");
+    println!("the same addresses for a second terminal (in this directory):");
     for line in support::env_lines(addresses) {
         println!("  {line}");
     }
     println!("  cargo run --release --bin dgbit-bus -- tail '*'");
+    println!("(to see this batch, start the tail first and run with --dir and --wait-s;");
+    println!("with --serve it sees what comes after the batch)");
     println!();
 }
 
