@@ -268,11 +268,14 @@ impl BusBuilder {
     }
 }
 
+/// Reads one role's supervision counters.
+type HealthProbe = Box<dyn Fn() -> Value + Send + Sync>;
+
 /// Starts supervised roles and remembers how to report on them.
 struct RoleSet {
     policy: BackoffPolicy,
     fatal: Arc<watch::Sender<Option<String>>>,
-    health: Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>,
+    health: Vec<(&'static str, HealthProbe)>,
     /// Each edge role's `SupervisedRole<EdgeActor<E>>`, by role name.
     edge_roles: Vec<(&'static str, Box<dyn Any + Send + Sync>)>,
     edge_health: EdgeHealth,
@@ -712,7 +715,7 @@ pub struct BusHandle {
     dispatcher: SupervisedRole<QueueDispatcher>,
     dead_letters: SupervisedRole<DeadLetterActor>,
     queue_slot: Option<EdgeSlot<PushEdge>>,
-    roles: Arc<Vec<(&'static str, Box<dyn Fn() -> Value + Send + Sync>)>>,
+    roles: Arc<Vec<(&'static str, HealthProbe)>>,
     edge_roles: Arc<Vec<(&'static str, Box<dyn Any + Send + Sync>)>>,
     /// Set at shutdown once the drain is over: the REP edges then answer
     /// every request `shutting_down` themselves.
@@ -764,8 +767,8 @@ impl BusHandle {
     /// Whether every configured edge is open.
     pub fn edges_open(&self) -> bool {
         self.rep_slots.iter().all(EdgeSlot::is_open)
-            && self.event_slot.as_ref().map_or(true, EdgeSlot::is_open)
-            && self.queue_slot.as_ref().map_or(true, EdgeSlot::is_open)
+            && self.event_slot.as_ref().is_none_or(EdgeSlot::is_open)
+            && self.queue_slot.as_ref().is_none_or(EdgeSlot::is_open)
     }
 
     /// Put `job` on the queue; the reply is its id once it is queued.
