@@ -83,7 +83,11 @@ pub struct BusBuilder {
     command_routes: RouteTable,
     data_routes: RouteTable,
     workers: Vec<RegisterWorker>,
+    handlers: Vec<HandlerStarter>,
 }
+
+/// Starts one supervised handler once the bus's roles exist.
+type HandlerStarter = Box<dyn FnOnce(&mut RoleSet, &EventSink)>;
 
 /// Entry point: `Bus::builder(config)`.
 pub struct Bus;
@@ -96,6 +100,7 @@ impl Bus {
             command_routes: RouteTable::default(),
             data_routes: RouteTable::default(),
             workers: Vec::new(),
+            handlers: Vec::new(),
         }
     }
 }
@@ -117,15 +122,29 @@ impl BusBuilder {
     /// restarted by a supervisor when it panics or stops: the request it was
     /// handling fails with `handler_failed`, the next one reaches the new
     /// instance.
-    pub fn supervised_command<A, F>(self, name: &'static str, factory: F) -> Self
+    ///
+    /// The handler is started by [`BusBuilder::start`] under the bus's
+    /// restart policy, publishes `system.alert` on each crash like every
+    /// role, and shows in `status` under `handlers`. Running out of its
+    /// restart budget fails its commands with `handler_failed` but, unlike a
+    /// socket role, does not stop the bus.
+    pub fn supervised_command<A, F>(mut self, name: &'static str, factory: F) -> Self
     where
         A: Actor<Context = Context<A>> + Handler<Command>,
         F: Fn() -> A + Send + 'static,
     {
-        let role = supervise(name, self.policy.clone(), factory, SupervisorOptions::new());
-        let resolver = move || role.addr().map(Addr::recipient);
-        self.command_routes
-            .register_resolver(name, Arc::new(resolver));
+        let routes = self.command_routes.clone();
+        self.handlers
+            .push(Box::new(move |roles: &mut RoleSet, events: &EventSink| {
+                let options = SupervisorOptions::new().alerts(events.clone());
+                let role = supervise(name, roles.policy.clone(), factory, options);
+                let watched = role.clone();
+                roles
+                    .handler_health
+                    .add(name, Box::new(move || watched.health()));
+                let resolver = move || role.addr().map(Addr::recipient);
+                routes.register_resolver(name, Arc::new(resolver));
+            }));
         self
     }
 
@@ -174,7 +193,8 @@ impl BusBuilder {
             fatal: Arc::new(fatal_sender),
             health: Vec::new(),
             edge_roles: Vec::new(),
-            edge_health: EdgeHealth::default(),
+            edge_health: GroupHealth::default(),
+            handler_health: GroupHealth::default(),
         };
         let config = self.config;
         let options = edge_options(&config);
@@ -200,6 +220,9 @@ impl BusBuilder {
         for registration in self.workers {
             let _ = dispatcher.do_send(registration);
         }
+        for start_handler in self.handlers {
+            start_handler(&mut roles, &events);
+        }
 
         let command_router =
             roles.router(&config, "command", &self.command_routes, &events, &burials);
@@ -211,6 +234,7 @@ impl BusBuilder {
             .with_role("job_queue", stats_of(&dispatcher))
             .with_role("dead_letters", stats_of(&dead_letters))
             .with_role("edges", roles.edge_health.clone().start().recipient())
+            .with_role("handlers", roles.handler_health.clone().start().recipient())
             .with_health_events(events.clone(), config.health_interval)
             .start();
         for routes in [&self.command_routes, &self.data_routes] {
@@ -278,7 +302,9 @@ struct RoleSet {
     health: Vec<(&'static str, HealthProbe)>,
     /// Each edge role's `SupervisedRole<EdgeActor<E>>`, by role name.
     edge_roles: Vec<(&'static str, Box<dyn Any + Send + Sync>)>,
-    edge_health: EdgeHealth,
+    edge_health: GroupHealth,
+    /// Supervised handler actors (`BusBuilder::supervised_command`).
+    handler_health: GroupHealth,
 }
 
 impl RoleSet {
@@ -599,19 +625,17 @@ where
     }
 }
 
-/// Reports the supervision of every edge role (state, restarts, current
-/// delay, last crash) as the `edges` entry of `status` and
-/// `system.health`. Shared, so edges opened after the report's actor
-/// started are included.
+/// Reports the supervision of a group of roles (the edges, the supervised
+/// handlers: state, restarts, current delay, last crash) as one entry of
+/// `status` and `system.health`. Shared, so roles added after the report's
+/// actor started are included.
 #[derive(Clone, Default)]
-struct EdgeHealth {
-    roles: Arc<RwLock<Vec<(&'static str, RoleHealth)>>>,
+struct GroupHealth {
+    roles: Arc<RwLock<Vec<(&'static str, HealthProbe)>>>,
 }
 
-type RoleHealth = Box<dyn Fn() -> Value + Send + Sync>;
-
-impl EdgeHealth {
-    fn add(&self, role: &'static str, health: RoleHealth) {
+impl GroupHealth {
+    fn add(&self, role: &'static str, health: HealthProbe) {
         let mut roles = self
             .roles
             .write()
@@ -620,11 +644,11 @@ impl EdgeHealth {
     }
 }
 
-impl Actor for EdgeHealth {
+impl Actor for GroupHealth {
     type Context = Context<Self>;
 }
 
-impl Handler<StatsQuery> for EdgeHealth {
+impl Handler<StatsQuery> for GroupHealth {
     type Result = MessageResult<StatsQuery>;
 
     fn handle(&mut self, _: StatsQuery, _ctx: &mut Self::Context) -> Self::Result {
