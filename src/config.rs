@@ -103,6 +103,9 @@ pub struct BusConfig {
     pub job_lease: Duration,
     /// Queue depth that raises `system.alert`. Default 1000.
     pub backlog_alert: usize,
+    /// Delay before a failed job's first retry; each retry doubles it, up
+    /// to 60 s. Default 1 s.
+    pub job_retry_base: Duration,
     /// Where dead letters are stored; `None` keeps them in memory only.
     pub dead_letter_path: Option<PathBuf>,
     /// Period of `system.health` events. Default 10 s.
@@ -186,6 +189,7 @@ impl Default for BusConfig {
             queue_capacity: 100_000,
             job_lease: Duration::from_secs(30),
             backlog_alert: 1000,
+            job_retry_base: Duration::from_secs(1),
             dead_letter_path: None,
             health_interval: Duration::from_secs(10),
             service_name: "dgbit-bus".into(),

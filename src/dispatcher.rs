@@ -220,6 +220,7 @@ impl DispatcherSettings {
             backlog_alert: config.backlog_alert,
             service_name: config.service_name.clone(),
             push_job_types: config.push_job_types.clone(),
+            retry_backoff_base: config.job_retry_base,
             ..Self::default()
         }
     }

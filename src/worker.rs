@@ -385,6 +385,17 @@ impl JobWorker {
                 }
             }
         };
+        // Reports made just before the handler returned are still queued:
+        // send them before the outcome, so `job.progress` precedes
+        // `job.completed` and none is lost.
+        while let Ok(value) = progress_rx.try_recv() {
+            self.report(
+                &job_id,
+                lease_id,
+                json!({"state": "progress", "progress": value}),
+            )
+            .await;
+        }
         let outcome = match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(err.message),

@@ -53,6 +53,9 @@ pub struct ServeArgs {
     /// Seconds between `system.health` events.
     #[arg(long, default_value_t = 10.0)]
     pub health_interval_s: f64,
+    /// Milliseconds before a failed job's first retry (doubling after).
+    #[arg(long, default_value_t = 1000)]
+    pub job_retry_base_ms: u64,
     /// Replies remembered for duplicate suppression (each kept 10 minutes).
     #[arg(long, default_value_t = 10_000)]
     pub dedup_capacity: usize,
@@ -127,6 +130,7 @@ impl ServeArgs {
             backlog_alert: self.backlog_alert,
             health_interval: Duration::from_secs_f64(self.health_interval_s.max(0.1)),
             dedup_capacity: self.dedup_capacity,
+            job_retry_base: Duration::from_millis(self.job_retry_base_ms),
             job_lease: Duration::from_secs_f64(self.job_lease_s.max(0.1)),
             ipc_permissions: self.ipc_mode,
             allow_wildcard_listen: self.allow_wildcard_listen,
