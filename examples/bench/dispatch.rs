@@ -4,6 +4,10 @@
 //! the bus: through the router (`BusHandle::request`: decode-free, but with
 //! duplicate tracking, the handler timeout and the reply built) against a
 //! bare `Addr::send` of the same `Command` to the same handler actor.
+//!
+//! A third figure bounds what any design with an actor between caller and
+//! handler can reach: a bare forwarding actor that sends each `Command` on
+//! to the handler and returns its answer, nothing else.
 
 use std::time::{Duration, Instant};
 
@@ -11,10 +15,11 @@ use actix::prelude::*;
 use dgbit_bus::bus::{Bus, BusHandle};
 use dgbit_bus::config::BusConfig;
 use dgbit_bus::message::Command;
-use dgbit_bus::router::FnHandler;
+use dgbit_bus::message::HandlerError;
+use serde_json::Value;
 
 use crate::raw::Throughput;
-use crate::server::{echo_handler, EchoFn};
+use crate::server::echo_handler;
 use crate::table::{Row, Target};
 use crate::transport::{next_id, RequestTemplate, ECHO_COMMAND};
 use crate::Budget;
@@ -40,8 +45,14 @@ pub fn in_process(budget: &Budget) -> anyhow::Result<Vec<Row>> {
         bus.command_router().live().await?;
         let template = RequestTemplate::new();
 
+        let forwarder = Forwarder {
+            handler: handler.clone().recipient(),
+        }
+        .start();
+
         let mut routed = Throughput::default();
         let mut bare = Throughput::default();
+        let mut forwarded = Throughput::default();
         for round in 0..=budget.rounds {
             let length = if round == 0 {
                 Duration::from_millis(100)
@@ -49,10 +60,12 @@ pub fn in_process(budget: &Budget) -> anyhow::Result<Vec<Row>> {
                 budget.round
             };
             let through_bus = through_router(&bus, &template, length).await?;
-            let direct = direct(&handler, &template, length).await?;
+            let straight = direct(&handler.clone().recipient(), &template, length).await?;
+            let via = direct(&forwarder.clone().recipient(), &template, length).await?;
             if round > 0 {
                 routed.add(through_bus);
-                bare.add(direct);
+                bare.add(straight);
+                forwarded.add(via);
             }
         }
         bus.shutdown().await;
@@ -64,7 +77,10 @@ pub fn in_process(budget: &Budget) -> anyhow::Result<Vec<Row>> {
                 "baseline: Addr::send to the handler; {} / {} commands",
                 routed.completed, bare.completed
             ));
-        Ok(vec![row])
+        let bound = Row::new("3 bare forwarding actor (bound)", "in-proc", "cmd/s")
+            .figures(forwarded.per_second(), bare.per_second())
+            .note("any actor between caller and handler: two mailbox hops, no work");
+        Ok(vec![row, bound])
     })
 }
 
@@ -88,7 +104,7 @@ async fn through_router(
 }
 
 async fn direct(
-    handler: &Addr<FnHandler<EchoFn>>,
+    handler: &Recipient<Command>,
     template: &RequestTemplate,
     length: Duration,
 ) -> anyhow::Result<Throughput> {
@@ -112,4 +128,27 @@ async fn direct(
         run.completed += BATCH;
     }
     Ok(run)
+}
+
+/// Sends each command on to `handler` and answers with its answer.
+struct Forwarder {
+    handler: Recipient<Command>,
+}
+
+impl Actor for Forwarder {
+    type Context = Context<Self>;
+}
+
+impl Handler<Command> for Forwarder {
+    type Result = ResponseFuture<Result<Value, HandlerError>>;
+
+    fn handle(&mut self, command: Command, _: &mut Self::Context) -> Self::Result {
+        let handler = self.handler.clone();
+        Box::pin(async move {
+            handler
+                .send(command)
+                .await
+                .unwrap_or_else(|err| Err(HandlerError::failed(err.to_string())))
+        })
+    }
 }

@@ -37,6 +37,7 @@ use nng::options::{Options, RecvTimeout, SendBufferSize};
 use nng::{Message, Protocol, Socket};
 use serde_json::json;
 
+use crate::cpu::{CpuSample, CpuUse};
 use crate::server::{config_with, BusServer};
 use crate::table::{Row, Target};
 use crate::transport::Transport;
@@ -465,9 +466,7 @@ pub fn fan_out(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
         tally.wait_quiet();
     }
 
-    let mut to_raw_subscribers = Delivery::default();
-    let mut to_edges = Delivery::default();
-    let mut baseline = Delivery::default();
+    let mut totals: [(Delivery, CpuUse); 3] = Default::default();
     for round in 0..=budget.rounds {
         let length = if round == 0 {
             Duration::from_millis(100)
@@ -475,35 +474,48 @@ pub fn fan_out(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
             budget.round
         };
         let runs = [
-            measure(&bus, &bus_tally, length)?,
-            measure(&bus_for_edges, &edge_tally, length)?,
-            measure(&raw, &raw_tally, length)?,
-        ];
-        if round > 0 {
-            to_raw_subscribers.add(runs[0]);
-            to_edges.add(runs[1]);
-            baseline.add(runs[2]);
+            (&bus as &dyn Publisher, &bus_tally),
+            (&bus_for_edges, &edge_tally),
+            (&raw, &raw_tally),
+        ]
+        .map(|(publisher, tally)| {
+            let sample = CpuSample::now();
+            measure(publisher, tally, length).map(|run| (run, CpuSample::now().since(&sample)))
+        });
+        for (total, run) in totals.iter_mut().zip(runs) {
+            let (run, cpu) = run?;
+            if round > 0 {
+                total.0.add(run);
+                total.1.add(&cpu);
+            }
         }
     }
+    let [(to_raw_subscribers, bare_cpu), (to_edges, edges_cpu), (baseline, baseline_cpu)] = totals;
 
-    let note = |run: &Delivery| {
+    let note = |run: &Delivery, cpu: &CpuUse| {
         format!(
-            "published {:.0}/s; drops {} of {} ({:.1}%); baseline drops {} of {}",
+            "published {:.0}/s; drops {} of {}; bus {} per delivery; baseline {}, drops {} of {}",
             run.published as f64 / run.elapsed.as_secs_f64(),
             run.drops(),
             run.published * SUBSCRIBERS as u64,
-            100.0 * run.drops() as f64 / (run.published * SUBSCRIBERS as u64).max(1) as f64,
+            cpu.per_operation(run.delivered),
+            baseline_cpu.per_operation(baseline.delivered),
             baseline.drops(),
             baseline.published * SUBSCRIBERS as u64,
         )
     };
-    let row = |workload: &str, run: &Delivery| {
+    let row = |workload: &str, run: &Delivery, cpu: &CpuUse| {
         Row::new(workload, transport.name(), "deliveries/s")
             .figures(run.per_second(), baseline.per_second())
-            .note(note(run))
+            .note(note(run, cpu))
     };
     Ok(vec![
-        row("4 events 1->4, bare SUB peers", &to_raw_subscribers).target(Target::AtLeast(0.85)),
-        row("4 events 1->4, SubEdge actors", &to_edges),
+        row(
+            "4 events 1->4, bare SUB peers",
+            &to_raw_subscribers,
+            &bare_cpu,
+        )
+        .target(Target::AtLeast(0.85)),
+        row("4 events 1->4, SubEdge actors", &to_edges, &edges_cpu),
     ])
 }

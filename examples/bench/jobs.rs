@@ -33,6 +33,7 @@ use nng::{Aio, AioResult, Message, Protocol, Socket};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+use crate::cpu::{CpuSample, CpuUse};
 use crate::raw::OPERATION_LIMIT;
 use crate::server::{config_with, BusServer};
 use crate::table::{Row, Target};
@@ -167,6 +168,13 @@ impl Drop for LeaseWorkers {
             let _ = thread.join();
         }
     }
+}
+
+/// Run `run`, returning its result and the CPU the process used meanwhile.
+fn with_cpu(run: impl FnOnce() -> anyhow::Result<JobRun>) -> anyhow::Result<(JobRun, CpuUse)> {
+    let sample = CpuSample::now();
+    let outcome = run()?;
+    Ok((outcome, CpuSample::now().since(&sample)))
 }
 
 /// Enqueue `count` jobs in-process, on the bus's thread.
@@ -537,22 +545,24 @@ pub fn workers(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
     bus_pull.wait_for(WORKERS as u64)?;
     raw_push_run(&raw_push, &raw_pull, WORKERS as u64)?;
 
-    let mut runs = [JobRun::default(); 4];
+    let mut runs: [(JobRun, CpuUse); 4] = Default::default();
     for round in 0..=budget.rounds {
         let count = if round == 0 { count / 4 } else { count };
         let measured = [
-            bus_lease_run(&lease_bus, &lease_workers, count)?,
-            raw_lease_run(&raw_lease, count),
-            bus_push_run(&push_bus, &bus_pull, count)?,
-            raw_push_run(&raw_push, &raw_pull, count)?,
+            with_cpu(|| bus_lease_run(&lease_bus, &lease_workers, count))?,
+            with_cpu(|| Ok(raw_lease_run(&raw_lease, count)))?,
+            with_cpu(|| bus_push_run(&push_bus, &bus_pull, count))?,
+            with_cpu(|| raw_push_run(&raw_push, &raw_pull, count))?,
         ];
         if round > 0 {
-            for (total, run) in runs.iter_mut().zip(measured) {
-                total.add(run);
+            for (total, (run, cpu)) in runs.iter_mut().zip(measured) {
+                total.0.add(run);
+                total.1.add(&cpu);
             }
         }
     }
-    let [acked, raw_acked, pushed, raw_pushed] = runs;
+    let [(acked, acked_cpu), (raw_acked, raw_acked_cpu), (pushed, pushed_cpu), (raw_pushed, raw_pushed_cpu)] =
+        runs;
 
     let name = transport.name();
     Ok(vec![
@@ -560,15 +570,20 @@ pub fn workers(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
             .figures(acked.per_second(), raw_acked.per_second())
             .target(Target::AtLeast(0.6))
             .note(format!(
-                "baseline: raw REQ/REP, same 3 round trips per job; {} jobs; vs raw PUSH/PULL {:.2}",
+                "baseline: raw REQ/REP, same 3 round trips per job; {} jobs; bus {}; \
+                 baseline {}; vs raw PUSH/PULL {:.2}",
                 acked.done,
+                acked_cpu.per_operation(acked.done),
+                raw_acked_cpu.per_operation(raw_acked.done),
                 acked.per_second() / raw_pushed.per_second()
             )),
         Row::new("5 jobs x4 workers, acks off", name, "jobs/s")
             .figures(pushed.per_second(), raw_pushed.per_second())
             .note(format!(
-                "baseline: raw PUSH to the same 4 PULL threads; {} jobs",
-                pushed.done
+                "baseline: raw PUSH to the same 4 PULL threads; {} jobs; bus {}; baseline {}",
+                pushed.done,
+                pushed_cpu.per_operation(pushed.done),
+                raw_pushed_cpu.per_operation(raw_pushed.done)
             )),
     ])
 }
