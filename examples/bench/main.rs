@@ -56,9 +56,9 @@ impl Budget {
         } else {
             Self {
                 quick,
-                rounds: 6,
+                rounds: 4,
                 round: Duration::from_millis(500),
-                round_trips: 1500,
+                round_trips: 2000,
             }
         }
     }

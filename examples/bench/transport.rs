@@ -119,17 +119,3 @@ impl RequestTemplate {
         body
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_body_is_256_bytes_and_matches_the_typed_request() {
-        let template = RequestTemplate::new();
-        for n in [0, 7, 123_456_789] {
-            assert_eq!(template.body(n).len(), REQUEST_SIZE);
-            assert_eq!(template.body(n), template.request(n).encode());
-        }
-    }
-}
