@@ -142,3 +142,71 @@ async fn an_unparseable_request_is_answered_and_kept_with_its_raw_bytes() {
     assert_eq!(entry["source"], "command");
     bus.shutdown().await;
 }
+
+/// Run `dgbit-bus ARGS` against `addresses` and return its stdout as JSON.
+fn cli_json(addresses: &dgbit_bus::config::Addresses, args: &[&str]) -> Value {
+    let output = common::bus_command(addresses).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "dgbit-bus {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|err| panic!("{args:?}: {text}: {err}"))
+}
+
+#[test]
+fn dead_letters_survive_a_sigkill_of_serve_and_dlq_replay_runs_them_again() {
+    use common::{wait_until, ServeProcess};
+    let dir = TestAddresses::new();
+    let addresses = &dir.addresses;
+    let mut serve = ServeProcess::start(addresses, &["--job-lease-s", "1"]);
+
+    // A job whose only attempt is leased and abandoned: its lease runs out
+    // and, with no retries left, it becomes a dead letter.
+    let job_id = common::bus_command(addresses)
+        .args(["enqueue", "echo", r#"{"n": 7}"#, "--max-retries", "0"])
+        .output()
+        .unwrap();
+    let job_id = String::from_utf8_lossy(&job_id.stdout).trim().to_string();
+    let lease = cli_json(
+        addresses,
+        &[
+            "send",
+            "bus.lease",
+            r#"{"worker": "doomed", "wait_ms": 1000}"#,
+        ],
+    );
+    assert_eq!(lease["result"]["job"]["job_id"], json!(job_id), "{lease}");
+    let buried = wait_until(Duration::from_secs(10), || {
+        cli_json(addresses, &["dlq", "--json", "list"])["total"] == json!(1)
+    });
+    assert!(
+        buried,
+        "the abandoned job never reached the dead letter queue"
+    );
+
+    // SIGKILL: no shutdown, no flush.
+    serve.child.kill().unwrap();
+    serve.child.wait().unwrap();
+    let _serve = ServeProcess::start(addresses, &[]);
+    let listed = cli_json(addresses, &["dlq", "--json", "list"]);
+    assert_eq!(listed["total"], json!(1), "{listed}");
+    assert_eq!(listed["entries"][0]["job_id"], json!(job_id), "{listed}");
+
+    cli_json(addresses, &["dlq", "--json", "replay", "--all"]);
+    let mut worker = common::bus_command(addresses)
+        .args(["work", "--job-type", "echo", "--lease-wait-ms", "200"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let completed = wait_until(Duration::from_secs(15), || {
+        cli_json(addresses, &["jobs", "--json"])["completed"] == json!(1)
+    });
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(completed, "the replayed job did not complete");
+    let listed = cli_json(addresses, &["dlq", "--json", "list"]);
+    assert_eq!(listed["total"], json!(0), "{listed}");
+    eprintln!("dead letter {job_id} survived SIGKILL of serve and completed after replay");
+}
