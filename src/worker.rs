@@ -21,7 +21,8 @@
 //!    `wait_ms`.
 //! 2. **Report.** Send `bus.report` with payload
 //!    `{"worker": ID, "job_id": ..., "lease_id": L, "state": S, ...}`:
-//!    - `"started"` when the handler starts;
+//!    - `"started"` when the handler starts (optional: the bus publishes
+//!      `job.started` when it grants the lease; `JobWorker` skips it);
 //!    - `"heartbeat"` at least every `lease_ms / 3` while it runs;
 //!    - `"progress"` with `"progress": <any JSON>` whenever there is some
 //!      (published as `job.progress`);
@@ -358,13 +359,9 @@ impl JobWorker {
             self.finish(&job_id, lease_id, Err(error)).await;
             return;
         };
-        if !self
-            .report(&job_id, lease_id, json!({"state": "started"}))
-            .await
-        {
-            debug!(job_id, "the lease was gone before the job started");
-            return;
-        }
+        // No `started` report: the bus published `job.started` when it
+        // granted the lease, and the first heartbeat renews it. One round
+        // trip fewer per job (see BENCHMARKS.md, workload 5).
 
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
         let progress = ProgressReporter::new(move |value| {

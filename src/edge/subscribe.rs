@@ -356,8 +356,18 @@ fn forward(shared: &Shared, queue: &Receiver<Arc<Event>>, subscriber: &Recipient
             debug!(url = %shared.url, lost, "buffered events dropped at close");
             break;
         }
-        // Blocking here is the point: this thread exists to wait.
-        match futures::executor::block_on(subscriber.send(EventDelivery { event })) {
+        // Hand the event over without a round trip while the subscriber's
+        // mailbox has room; only when it is full, wait for it (blocking is
+        // the point: this thread exists to wait). `delivered` therefore
+        // counts events handed to the actor's mailbox.
+        let delivery = match subscriber.try_send(EventDelivery { event }) {
+            Ok(()) => Ok(()),
+            Err(actix::prelude::SendError::Full(delivery)) => {
+                futures::executor::block_on(subscriber.send(delivery)).map_err(|_| ())
+            }
+            Err(actix::prelude::SendError::Closed(_)) => Err(()),
+        };
+        match delivery {
             Ok(()) => {
                 counters.delivered.fetch_add(1, Ordering::Relaxed);
             }
