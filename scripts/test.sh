@@ -16,4 +16,10 @@ if [ "${CI:-}" = "true" ] && [ "$(id -u)" = "0" ]; then
 fi
 
 cargo build --workspace --all-targets
-cargo test --workspace -- --test-threads=2
+# Keep the output, then close with one line totalling every test binary.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set -o pipefail
+cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+awk '/^test result:/ { passed += $4; failed += $6 }
+     END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"
