@@ -220,13 +220,7 @@ impl BusClient {
     /// As [`BusClient::request`], plus [`ClientError::Remote`] carrying the
     /// code and text of an error reply.
     pub async fn call(&self, command: &str, payload: Value) -> Result<Value, ClientError> {
-        match self.request(&CommandRequest::new(command, payload)).await? {
-            CommandReply::Ok { result, .. } => Ok(result),
-            CommandReply::Error { code, error, .. } => Err(ClientError::Remote {
-                code,
-                message: error,
-            }),
-        }
+        into_result(self.request(&CommandRequest::new(command, payload)).await?)
     }
 
     /// Send raw bytes and return the raw reply.
@@ -250,6 +244,21 @@ impl BusClient {
             Ok(Err(nng::Error::TimedOut)) | Err(_) => Err(ClientError::Timeout { after: timeout }),
             Ok(Err(err)) => Err(ClientError::Transport(err)),
         }
+    }
+}
+
+/// An ok reply's result, or its error as [`ClientError::Remote`].
+///
+/// # Errors
+///
+/// [`ClientError::Remote`] with the code and text of an error reply.
+pub fn into_result(reply: CommandReply) -> Result<Value, ClientError> {
+    match reply {
+        CommandReply::Ok { result, .. } => Ok(result),
+        CommandReply::Error { code, error, .. } => Err(ClientError::Remote {
+            code,
+            message: error,
+        }),
     }
 }
 

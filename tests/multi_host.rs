@@ -355,7 +355,7 @@ fn every_socket_and_every_cli_tool_work_over_tcp_on_loopback() {
     assert!(pong.contains(r#""pong":true"#), "{pong}");
 
     // The Rust client on both REQ/REP buses.
-    let stats = dgbit_bus::cli::send::block_on(async {
+    let stats = dgbit_bus::cli::block_on(async {
         let options = ClientOptions::default().timeout(Duration::from_secs(10));
         let command = BusClient::connect(&addresses.command, options.clone()).await?;
         let data = BusClient::connect(&addresses.data, options).await?;

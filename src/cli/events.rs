@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
 use super::AddressArgs;
-use crate::client::{BusClient, ClientOptions};
+
 use crate::edge::subscribe::{SubEdge, SubEdgeSettings};
 use crate::message::EventDelivery;
 use crate::publisher::PUBLISH_COMMAND;
@@ -51,15 +51,10 @@ pub struct PublishArgs {
 /// cannot be reached, the request times out, or the bus refuses the event.
 pub fn run_publish(args: &PublishArgs, addresses: &AddressArgs) -> anyhow::Result<()> {
     let event = event_object(args)?;
-    let options = ClientOptions::default()
-        .timeout(Duration::from_secs_f64(args.timeout_s))
-        .connect_attempts(3, Duration::from_millis(200));
     let url = &addresses.command_address;
-    let result = super::send::block_on(async {
-        let client = BusClient::connect(url, options).await?;
-        client.call(PUBLISH_COMMAND, Value::Object(event)).await
-    })
-    .with_context(|| format!("publishing {} through {url}", args.topic))?;
+    let timeout = Duration::from_secs_f64(args.timeout_s);
+    let result = super::call_once(url, timeout, PUBLISH_COMMAND, Value::Object(event))
+        .with_context(|| format!("publishing {} through {url}", args.topic))?;
     println!("{result}");
     Ok(())
 }

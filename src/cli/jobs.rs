@@ -7,9 +7,8 @@ use actix::Recipient;
 use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 
-use super::send::block_on;
 use super::AddressArgs;
-use crate::client::{BusClient, ClientOptions};
+use crate::client::ClientOptions;
 use crate::message::RunJob;
 use crate::worker::{default_worker_id, JobWorker, WorkerOptions, MAX_LEASE_WAIT};
 
@@ -134,14 +133,13 @@ fn call(
     command: &str,
     payload: Value,
 ) -> anyhow::Result<Value> {
-    let options = ClientOptions::default()
-        .timeout(Duration::from_secs_f64(request.timeout_s))
-        .connect_attempts(3, Duration::from_millis(200));
-    let url = addresses.command_address.clone();
-    Ok(block_on(async move {
-        let client = BusClient::connect(&url, options).await?;
-        client.call(command, payload).await
-    })?)
+    let timeout = Duration::from_secs_f64(request.timeout_s);
+    Ok(super::call_once(
+        &addresses.command_address,
+        timeout,
+        command,
+        payload,
+    )?)
 }
 
 fn print(request: &RequestArgs, result: &Value, human: impl FnOnce(&Value)) {

@@ -9,7 +9,13 @@ pub mod jobs;
 pub mod send;
 pub mod serve;
 
+use std::time::Duration;
+
 use clap::Args;
+use serde_json::Value;
+
+use crate::client::{into_result, BusClient, ClientError, ClientOptions};
+use crate::wire::{CommandReply, CommandRequest};
 
 use crate::config::{
     Addresses, COMMAND_ADDRESS_VAR, DATA_ADDRESS_VAR, DEFAULT_COMMAND_ADDRESS,
@@ -43,4 +49,52 @@ impl AddressArgs {
             data: self.data_address.clone(),
         }
     }
+}
+
+/// Send one request to a running bus, as a one-shot CLI command does:
+/// connect (three attempts, 200 ms apart, doubling), send, wait up to
+/// `timeout`.
+///
+/// # Errors
+///
+/// As [`BusClient::connect`] and [`BusClient::request`].
+pub fn request_once(
+    url: &str,
+    timeout: Duration,
+    request: &CommandRequest,
+) -> Result<CommandReply, ClientError> {
+    let options = ClientOptions::default()
+        .timeout(timeout)
+        .connect_attempts(3, Duration::from_millis(200));
+    block_on(async {
+        let client = BusClient::connect(url, options).await?;
+        client.request(request).await
+    })
+}
+
+/// Run `command` once on a running bus and return its result.
+///
+/// # Errors
+///
+/// As [`request_once`], plus [`ClientError::Remote`] for an error reply.
+pub fn call_once(
+    url: &str,
+    timeout: Duration,
+    command: &str,
+    payload: Value,
+) -> Result<Value, ClientError> {
+    into_result(request_once(
+        url,
+        timeout,
+        &CommandRequest::new(command, payload),
+    )?)
+}
+
+/// Run a future to completion on a fresh single-threaded runtime.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime always builds")
+        .block_on(future)
 }

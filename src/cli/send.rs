@@ -6,7 +6,6 @@ use clap::Args;
 use serde_json::{Map, Value};
 
 use super::AddressArgs;
-use crate::client::{BusClient, ClientOptions};
 use crate::wire::CommandReply;
 
 /// Options of `dgbit-bus send`.
@@ -58,25 +57,10 @@ pub fn run_send(args: &SendArgs, addresses: &AddressArgs) -> anyhow::Result<()> 
     let mut request =
         crate::wire::CommandRequest::new(args.command.clone(), Value::Object(payload));
     request.job_uuid = args.job_uuid.clone();
-    let options = ClientOptions::default()
-        .timeout(Duration::from_secs_f64(args.timeout_s))
-        .connect_attempts(3, Duration::from_millis(200));
-    let reply = block_on(async {
-        let client = BusClient::connect(url, options).await?;
-        client.request(&request).await
-    })?;
+    let reply = super::request_once(url, Duration::from_secs_f64(args.timeout_s), &request)?;
     println!("{}", reply.to_value());
     match reply {
         CommandReply::Ok { .. } => Ok(()),
         CommandReply::Error { code, error, .. } => anyhow::bail!("{code}: {error}"),
     }
-}
-
-/// Run a future to completion on a fresh single-threaded runtime.
-pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread runtime always builds")
-        .block_on(future)
 }
