@@ -32,6 +32,11 @@ use crate::wire::{
 /// handler's resolver returns the live instance, or `None` while it restarts.
 pub type HandlerResolver = Arc<dyn Fn() -> Option<Recipient<Command>> + Send + Sync>;
 
+/// A resolver that always returns `handler`.
+fn fixed(handler: Recipient<Command>) -> HandlerResolver {
+    Arc::new(move || Some(handler.clone()))
+}
+
 /// The handlers of one router, shared with the bus that registers them.
 #[derive(Clone, Default)]
 pub struct RouteTable {
@@ -41,7 +46,7 @@ pub struct RouteTable {
 impl RouteTable {
     /// Route `name` to `handler`, replacing any earlier handler.
     pub fn register(&self, name: impl Into<String>, handler: Recipient<Command>) {
-        self.register_resolver(name, Arc::new(move || Some(handler.clone())));
+        self.register_resolver(name, fixed(handler));
     }
 
     /// Route `name` to whatever `resolver` returns at the time of each call.
@@ -53,7 +58,7 @@ impl RouteTable {
     pub fn register_default(&self, name: impl Into<String>, handler: Recipient<Command>) {
         self.write()
             .entry(name.into())
-            .or_insert_with(|| Arc::new(move || Some(handler.clone())));
+            .or_insert_with(|| fixed(handler));
     }
 
     pub fn unregister(&self, name: &str) -> bool {

@@ -100,6 +100,16 @@ pub fn nesting_depth(value: &Value) -> usize {
     deepest
 }
 
+/// A payload as a JSON object: an object as it is, `null` as `{}`, any other
+/// value wrapped as `{"value": ...}`.
+fn into_object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        Value::Null => Map::new(),
+        other => Map::from_iter([("value".to_string(), other)]),
+    }
+}
+
 fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -164,11 +174,7 @@ pub struct CommandRequest {
 impl CommandRequest {
     /// A request for `command` with `payload`, nothing else set.
     pub fn new(command: impl Into<String>, payload: Value) -> Self {
-        let payload = match payload {
-            Value::Object(map) => map,
-            Value::Null => Map::new(),
-            other => Map::from_iter([("value".to_string(), other)]),
-        };
+        let payload = into_object(payload);
         Self {
             command: Some(command.into()),
             payload,
@@ -399,11 +405,7 @@ pub struct Event {
 impl Event {
     /// A new event stamped now.
     pub fn new(event_type: impl Into<String>, source: impl Into<String>, data: Value) -> Self {
-        let data = match data {
-            Value::Object(map) => map,
-            Value::Null => Map::new(),
-            other => Map::from_iter([("value".to_string(), other)]),
-        };
+        let data = into_object(data);
         Self {
             event_type: event_type.into(),
             data,
@@ -474,11 +476,7 @@ pub const DEFAULT_MAX_RETRIES: u32 = 3;
 impl JobMessage {
     /// A new job with a fresh UUID, created now.
     pub fn new(job_type: impl Into<String>, payload: Value) -> Self {
-        let payload = match payload {
-            Value::Object(map) => map,
-            Value::Null => Map::new(),
-            other => Map::from_iter([("value".to_string(), other)]),
-        };
+        let payload = into_object(payload);
         Self {
             job_id: uuid::Uuid::new_v4().to_string(),
             job_type: job_type.into(),
