@@ -57,7 +57,9 @@ use crate::message::{
 use crate::publisher::{
     PublisherSettings, SubscriberRegistry, SubscriptionId, TopicPublisher, PUBLISH_COMMAND,
 };
-use crate::router::{CommandRouter, Dispatch, InFlight, RouteTable, RouterSettings, StopIntake};
+use crate::router::{
+    CommandRouter, Dispatch, ReplyTo, RouteTable, RouterCore, RouterSettings, RunCall,
+};
 use crate::supervisor::{supervise, GiveUp, RoleSendError, SupervisedRole, SupervisorOptions};
 use crate::topics::{PatternError, SERVICE_STARTED, SERVICE_STOPPED};
 use crate::wire::{code, CommandReply, CommandRequest, Echo, Event, JobMessage};
@@ -115,6 +117,28 @@ impl BusBuilder {
     /// Serve `name` on the data bus with `handler`.
     pub fn data_command(self, name: impl Into<String>, handler: Recipient<Command>) -> Self {
         self.data_routes.register(name, handler);
+        self
+    }
+
+    /// Serve `name` on the command bus with a function run on the thread
+    /// that received the request, with no hand-off to an actor: the fastest
+    /// route, for commands that are quick, non-blocking and need no state
+    /// of an actor's (see [`crate::router::InlineHandler`]).
+    pub fn inline_command<F>(self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(Command) -> Result<Value, HandlerError> + Send + Sync + 'static,
+    {
+        self.command_routes.register_inline(name, handler);
+        self
+    }
+
+    /// Serve `name` on the data bus with an inline function, as
+    /// [`BusBuilder::inline_command`].
+    pub fn inline_data_command<F>(self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(Command) -> Result<Value, HandlerError> + Send + Sync + 'static,
+    {
+        self.data_routes.register_inline(name, handler);
         self
     }
 
@@ -228,8 +252,8 @@ impl BusBuilder {
             roles.router(&config, "command", &self.command_routes, &events, &burials);
         let data_router = roles.router(&config, "data", &self.data_routes, &events, &burials);
         let builtins = BuiltinCommands::new(config.service_name.clone())
-            .with_role("command", stats_of(&command_router))
-            .with_role("data", stats_of(&data_router))
+            .with_role("command", stats_of(&command_router.actor))
+            .with_role("data", stats_of(&data_router.actor))
             .with_role("publisher", stats_of(&publisher))
             .with_role("job_queue", stats_of(&dispatcher))
             .with_role("dead_letters", stats_of(&dead_letters))
@@ -428,6 +452,8 @@ impl RoleSet {
         (dispatcher, Some(queue_slot))
     }
 
+    /// Start the router `role` under supervision. Its core is made once and
+    /// handed to every instance, so a restart keeps the duplicate cache.
     fn router(
         &mut self,
         config: &BusConfig,
@@ -435,7 +461,7 @@ impl RoleSet {
         routes: &RouteTable,
         events: &EventSink,
         dead_letters: &Recipient<Bury>,
-    ) -> SupervisedRole<CommandRouter> {
+    ) -> RouterRole {
         let settings = RouterSettings {
             role,
             default_command: config.default_command.clone(),
@@ -445,12 +471,15 @@ impl RoleSet {
             dedup_capacity: config.dedup_capacity,
             dedup_ttl: config.dedup_ttl,
         };
-        let (routes, dead_letters) = (routes.clone(), dead_letters.clone());
+        let core = Arc::new(RouterCore::new(settings, routes.clone()));
+        let (for_factory, dead_letters) = (core.clone(), dead_letters.clone());
         let factory = move || {
-            CommandRouter::new(settings.clone(), routes.clone())
-                .with_dead_letters(dead_letters.clone())
+            CommandRouter::with_core(for_factory.clone()).with_dead_letters(dead_letters.clone())
         };
-        self.supervise(role, factory, events)
+        RouterRole {
+            actor: self.supervise(role, factory, events),
+            core,
+        }
     }
 
     fn edge<E: Edge + Unpin>(
@@ -671,35 +700,69 @@ fn edge_options(config: &BusConfig) -> EdgeOptions {
     }
 }
 
-/// Opens the REP edge of `url`, feeding `router`. A request that arrives
-/// while the router restarts is answered `overloaded` at once; once the
-/// router is given up or shut down, or `stopping` is set, `shutting_down`.
+/// One router: its supervised actor, and the core every instance shares.
+#[derive(Clone)]
+struct RouterRole {
+    actor: SupervisedRole<CommandRouter>,
+    core: Arc<RouterCore>,
+}
+
+/// Opens the REP edge of `url`, feeding `router`.
+///
+/// Requests are decoded and routed on the NNG thread that received them:
+/// an inline handler runs right there, and only a call to an actor handler
+/// goes to the router actor. A body that does not decode goes to the actor
+/// too, which dead-letters it. What the actor cannot take while it restarts
+/// is answered `overloaded` at once; once it is given up or shut down, or
+/// `stopping` is set, `shutting_down`.
 fn rep_opener(
     url: &str,
     config: &BusConfig,
     options: &EdgeOptions,
-    router: SupervisedRole<CommandRouter>,
+    router: RouterRole,
     stopping: Arc<AtomicBool>,
 ) -> EdgeOpener<RepEdge> {
     let sink: InboundSink = Arc::new(move |inbound| {
         // While the routers stop, the role may briefly look like it is
         // restarting; the flag keeps that from being answered `overloaded`.
-        let refused = if stopping.load(Ordering::Acquire) {
-            RoleSendError::ShutDown(inbound)
-        } else {
-            match router.do_send(inbound) {
-                Ok(()) => return,
-                Err(refused) => refused,
-            }
+        if stopping.load(Ordering::Acquire) {
+            return refuse(
+                &router.actor,
+                RoleSendError::ShutDown(inbound),
+                Inbound::refuse,
+            );
+        }
+        let Inbound { body, mut reply } = inbound;
+        let max_size = router.core.settings().max_message_size;
+        let Ok(request) = CommandRequest::decode(&body, max_size) else {
+            let refused = router.actor.do_send(Inbound { body, reply });
+            return refused.unwrap_or_else(|r| refuse(&router.actor, r, Inbound::refuse));
         };
-        refuse(&router, refused);
+        reply.remember_echo(request.echo());
+        match router.core.accept(request, ReplyTo::Edge(reply)) {
+            None => {}
+            Some(call) if call.is_inline() => call.run_inline(),
+            Some(call) => {
+                let refused = router.actor.do_send(RunCall { call });
+                refused.unwrap_or_else(|r| {
+                    refuse(&router.actor, r, |run, code, text| {
+                        run.call.refuse(code, text)
+                    })
+                });
+            }
+        }
     });
     let (url, options, contexts) = (url.to_string(), options.clone(), config.contexts_per_socket);
     Arc::new(move || RepEdge::listen(&url, &options, contexts, sink.clone()))
 }
 
-/// Answer a request `router` did not take.
-fn refuse(router: &SupervisedRole<CommandRouter>, refused: RoleSendError<Inbound>) {
+/// Answer a request `router` did not take, with `answer(message, code,
+/// text)`.
+fn refuse<M>(
+    router: &SupervisedRole<CommandRouter>,
+    refused: RoleSendError<M>,
+    answer: impl FnOnce(M, &str, &str),
+) {
     match refused {
         RoleSendError::Lost => {
             warn!(role = router.role(), "request lost to a stopping router")
@@ -716,11 +779,18 @@ fn refuse(router: &SupervisedRole<CommandRouter>, refused: RoleSendError<Inbound
                     "the router is restarting; try again shortly",
                 )
             };
-            if let Some(inbound) = refused.into_message() {
-                let reply = CommandReply::error(Echo::salvage(&inbound.body), code, text);
-                inbound.reply.send(reply.encode());
+            if let Some(message) = refused.into_message() {
+                answer(message, code, text);
             }
         }
+    }
+}
+
+impl Inbound {
+    /// Answer a body no router took with `code`.
+    fn refuse(self, code: &str, text: &str) {
+        let reply = CommandReply::error(Echo::salvage(&self.body), code, text);
+        self.reply.send(reply.encode());
     }
 }
 
@@ -729,8 +799,8 @@ pub struct BusHandle {
     config: BusConfig,
     command_routes: RouteTable,
     data_routes: RouteTable,
-    command_router: SupervisedRole<CommandRouter>,
-    data_router: SupervisedRole<CommandRouter>,
+    command_router: RouterRole,
+    data_router: RouterRole,
     rep_slots: Vec<EdgeSlot<RepEdge>>,
     event_slot: Option<EdgeSlot<PubEdge>>,
     publisher: SupervisedRole<TopicPublisher>,
@@ -764,12 +834,12 @@ impl BusHandle {
     /// The command router's supervised handle (for its stats and, in tests,
     /// for injecting faults).
     pub fn command_router(&self) -> &SupervisedRole<CommandRouter> {
-        &self.command_router
+        &self.command_router.actor
     }
 
     /// The data router's supervised handle.
     pub fn data_router(&self) -> &SupervisedRole<CommandRouter> {
-        &self.data_router
+        &self.data_router.actor
     }
 
     /// The supervised handle of the edge role `role` (`command-edge`,
@@ -935,8 +1005,8 @@ impl BusHandle {
         // still finish within the deadline.
         let _ = self.dispatcher.send(CloseIntake).await;
         let still_served = vec!["bus.report".to_string(), "bus.lease".to_string()];
-        let _ = self.command_router.send(StopIntake { still_served }).await;
-        let _ = self.data_router.send(StopIntake::default()).await;
+        self.command_router.core.stop_intake(still_served);
+        self.data_router.core.stop_intake(Vec::new());
         self.drain(drain_until).await;
 
         if let Ok((stored, lost)) = self.dispatcher.send(DrainToDeadLetters).await {
@@ -967,10 +1037,10 @@ impl BusHandle {
     async fn abandon_commands(&self) {
         self.stopping.store(true, Ordering::Release);
         for router in [&self.command_router, &self.data_router] {
-            router.shutdown();
+            router.actor.shutdown();
         }
         for router in [&self.command_router, &self.data_router] {
-            router.terminated().await;
+            router.actor.terminated().await;
         }
         if !self.rep_slots.is_empty() {
             tokio::time::sleep(REPLY_FLUSH_GRACE).await;
@@ -982,7 +1052,7 @@ impl BusHandle {
         loop {
             let mut busy = 0;
             for router in [&self.command_router, &self.data_router] {
-                busy += router.send(InFlight).await.unwrap_or(0);
+                busy += router.core.in_flight();
             }
             busy += self.dispatcher.send(CloseIntake).await.unwrap_or(0);
             if busy == 0 || tokio::time::Instant::now() >= deadline {
@@ -1001,9 +1071,18 @@ impl BusHandle {
     }
 }
 
-async fn dispatch(router: &SupervisedRole<CommandRouter>, request: CommandRequest) -> CommandReply {
+/// Route `request` in the caller (see [`RouterCore::request`]); outside a
+/// tokio runtime, which the handler timeout needs, through the router actor.
+async fn dispatch(router: &RouterRole, request: CommandRequest) -> CommandReply {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return router.core.request(request).await;
+    }
     let echo = request.echo();
-    router.send(Dispatch { request }).await.unwrap_or_else(|_| {
-        CommandReply::error(echo, code::SHUTTING_DOWN, "the router is not running")
-    })
+    router
+        .actor
+        .send(Dispatch { request })
+        .await
+        .unwrap_or_else(|_| {
+            CommandReply::error(echo, code::SHUTTING_DOWN, "the router is not running")
+        })
 }

@@ -90,6 +90,19 @@ impl<R: Clone, W> DedupCache<R, W> {
         waiters
     }
 
+    /// Forget a running `key` without recording a reply, and return the
+    /// waiters parked on it: its outcome ("try again") must not answer the
+    /// retries still to come.
+    pub fn abandon(&mut self, key: &str) -> Vec<W> {
+        match self.entries.get(key) {
+            Some(Entry::Running { .. }) => match self.entries.remove(key) {
+                Some(Entry::Running { waiters }) => waiters,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        }
+    }
+
     /// Entries held, running and finished.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -185,6 +198,26 @@ mod tests {
             cache.complete(key, "r", now);
         }
         assert_eq!(cache.admit("running", 1, now), Admission::Parked);
+    }
+
+    #[test]
+    fn an_abandoned_request_releases_its_waiters_and_runs_again_when_retried() {
+        let mut cache = cache(10);
+        let now = Instant::now();
+        assert_eq!(cache.admit("a", 1, now), Admission::New(1));
+        assert_eq!(cache.admit("a", 2, now), Admission::Parked);
+        assert_eq!(cache.abandon("a"), vec![2]);
+        assert_eq!(cache.admit("a", 3, now), Admission::New(3));
+    }
+
+    #[test]
+    fn abandoning_leaves_a_finished_entry_alone() {
+        let mut cache = cache(10);
+        let now = Instant::now();
+        cache.admit("a", 1, now);
+        cache.complete("a", "reply", now);
+        assert!(cache.abandon("a").is_empty());
+        assert_eq!(cache.admit("a", 2, now), Admission::Answered("reply", 2));
     }
 
     #[test]

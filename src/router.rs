@@ -1,95 +1,38 @@
 //! `CommandRouter`: routes requests on the command bus (and, as a second
-//! instance, the data bus) to the handler actor registered for each command.
+//! instance, the data bus) to the handler registered for each command.
 //!
-//! Requests arrive from the REP edge as bytes ([`Inbound`]) or in-process as a
-//! typed [`Dispatch`]. The router decodes, answers malformed ones at once,
-//! suppresses duplicates by `job_uuid`/`request_id`, and sends a [`Command`]
-//! to the handler without waiting for it: each handler call runs as its own
-//! future on the router's context, so one slow handler never delays another
-//! command. Every request gets exactly one reply.
+//! The routing itself lives in a [`RouterCore`] shared by every thread that
+//! takes requests, so that a request is routed where it arrives: the REP
+//! edge's sink decodes and routes on the NNG thread that received it, and
+//! [`RouterCore::request`] routes an in-process request in its caller. An
+//! inline handler then runs right there; a call to an actor handler goes to
+//! this actor as a [`RunCall`] and runs as a future of its own on the
+//! router's context, so one slow handler never delays another command.
+//! Every request gets exactly one reply.
 //!
-//! Handlers live in a [`RouteTable`] shared with the bus, so that a router
-//! restarted by its supervisor still knows them.
+//! The actor also takes raw [`Inbound`] bodies (decoding them itself) and
+//! keeps the bytes of requests that do not parse in the dead letter store.
+//! Handlers live in a [`RouteTable`] shared with the bus, so a router
+//! restarted by its supervisor still knows them, and the core outlives the
+//! actor, so a restart keeps the duplicate cache.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+mod routes;
+mod routing;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+pub use self::routes::{HandlerResolver, InlineHandler, Route, RouteTable};
+pub use self::routing::{Call, ReplyTo, RouterCore};
 use crate::dead_letter::{Bury, DeadLetter};
-use crate::dedup::{Admission, DedupCache};
-use crate::edge::rep::{Inbound, ReplySlot};
+use crate::edge::rep::Inbound;
 use crate::message::{Command, HandlerError, StatsQuery};
-use crate::wire::{
-    code, nesting_depth, CommandReply, CommandRequest, Echo, WireError, MAX_NESTING,
-};
-
-/// Resolves a command name to the handler's current address. A supervised
-/// handler's resolver returns the live instance, or `None` while it restarts.
-pub type HandlerResolver = Arc<dyn Fn() -> Option<Recipient<Command>> + Send + Sync>;
-
-/// A resolver that always returns `handler`.
-fn fixed(handler: Recipient<Command>) -> HandlerResolver {
-    Arc::new(move || Some(handler.clone()))
-}
-
-/// The handlers of one router, shared with the bus that registers them.
-#[derive(Clone, Default)]
-pub struct RouteTable {
-    routes: Arc<RwLock<HashMap<String, HandlerResolver>>>,
-}
-
-impl RouteTable {
-    /// Route `name` to `handler`, replacing any earlier handler.
-    pub fn register(&self, name: impl Into<String>, handler: Recipient<Command>) {
-        self.register_resolver(name, fixed(handler));
-    }
-
-    /// Route `name` to whatever `resolver` returns at the time of each call.
-    pub fn register_resolver(&self, name: impl Into<String>, resolver: HandlerResolver) {
-        self.write().insert(name.into(), resolver);
-    }
-
-    /// Route `name` to `handler` unless something already serves it.
-    pub fn register_default(&self, name: impl Into<String>, handler: Recipient<Command>) {
-        self.write()
-            .entry(name.into())
-            .or_insert_with(|| fixed(handler));
-    }
-
-    pub fn unregister(&self, name: &str) -> bool {
-        self.write().remove(name).is_some()
-    }
-
-    /// The registered command names, sorted.
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.read().keys().cloned().collect();
-        names.sort();
-        names
-    }
-
-    fn resolve(&self, name: &str) -> Option<HandlerResolver> {
-        self.read().get(name).cloned()
-    }
-
-    // A handler panicking elsewhere cannot poison this lock (no user code runs
-    // under it), so recovering the guard is safe.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, HandlerResolver>> {
-        self.routes
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, HandlerResolver>> {
-        self.routes
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
+use crate::wire::{code, CommandReply, CommandRequest, Echo, WireError};
 
 /// Limits and names of one router.
 #[derive(Debug, Clone)]
@@ -120,10 +63,19 @@ impl Default for RouterSettings {
 }
 
 /// Send a typed command through the router in-process and get its reply.
+/// [`RouterCore::request`] does the same without the trip through this
+/// actor's mailbox.
 #[derive(Debug, Message)]
 #[rtype(result = "CommandReply")]
 pub struct Dispatch {
     pub request: CommandRequest,
+}
+
+/// Run an admitted call to an actor handler on the router's context.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RunCall {
+    pub call: Call,
 }
 
 /// Stop taking new requests (they get `shutting_down`), except for the
@@ -140,31 +92,6 @@ pub struct StopIntake {
 #[rtype(result = "usize")]
 pub struct InFlight;
 
-/// Where one request's reply goes.
-enum ReplyTo {
-    Edge(ReplySlot),
-    Local(oneshot::Sender<CommandReply>),
-}
-
-impl ReplyTo {
-    fn send(self, reply: &CommandReply) {
-        match self {
-            ReplyTo::Edge(slot) => slot.send(reply.encode()),
-            ReplyTo::Local(sender) => {
-                let _ = sender.send(reply.clone());
-            }
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct RouterCounters {
-    received: u64,
-    ok: u64,
-    errors: HashMap<&'static str, u64>,
-    dead_letters_skipped: u64,
-}
-
 /// Unparseable requests sent to the dead letter store and not yet stored.
 /// Past this many, more are answered but not kept (and counted): the store
 /// commits each entry to disk, so a flood of garbage would otherwise queue
@@ -176,28 +103,22 @@ const DEAD_LETTER_SKIP_LOG_INTERVAL: u64 = 1000;
 
 /// The actor behind one REQ/REP bus.
 pub struct CommandRouter {
-    settings: RouterSettings,
-    routes: RouteTable,
-    dedup: DedupCache<CommandReply, ReplyTo>,
-    in_flight: usize,
-    intake_open: bool,
-    still_served: Vec<String>,
-    counters: RouterCounters,
+    core: Arc<RouterCore>,
     dead_letters: Option<Recipient<Bury>>,
     dead_letters_pending: usize,
 }
 
 impl CommandRouter {
+    /// A router with a core of its own.
     pub fn new(settings: RouterSettings, routes: RouteTable) -> Self {
-        let dedup = DedupCache::new(settings.dedup_capacity, settings.dedup_ttl);
+        Self::with_core(Arc::new(RouterCore::new(settings, routes)))
+    }
+
+    /// A router over `core`, which may outlive it (the bus keeps one core
+    /// across restarts of its router).
+    pub fn with_core(core: Arc<RouterCore>) -> Self {
         Self {
-            settings,
-            routes,
-            dedup,
-            in_flight: 0,
-            intake_open: true,
-            still_served: Vec::new(),
-            counters: RouterCounters::default(),
+            core,
             dead_letters: None,
             dead_letters_pending: 0,
         }
@@ -210,119 +131,12 @@ impl CommandRouter {
         self
     }
 
-    /// Decide a request's fate: answer it now, park it, or run its handler.
-    fn accept(&mut self, request: CommandRequest, reply_to: ReplyTo, ctx: &mut Context<Self>) {
-        let echo = request.echo();
-        let Some(name) = request
-            .command
-            .clone()
-            .or_else(|| self.settings.default_command.clone())
-        else {
-            let text = "request has no `command` and the bus has no default route";
-            return self.answer(reply_to, CommandReply::error(echo, code::BAD_REQUEST, text));
-        };
-        if !self.intake_open && !self.still_served.contains(&name) {
-            let text = "the bus is shutting down";
-            return self.answer(
-                reply_to,
-                CommandReply::error(echo, code::SHUTTING_DOWN, text),
-            );
-        }
-        let Some(resolver) = self.routes.resolve(&name) else {
-            let text = format!("unknown command `{name}`");
-            return self.answer(
-                reply_to,
-                CommandReply::error(echo, code::UNKNOWN_COMMAND, text),
-            );
-        };
-        if self.in_flight >= self.settings.max_in_flight {
-            let text = format!("{} commands are running; try again later", self.in_flight);
-            return self.answer(reply_to, CommandReply::error(echo, code::OVERLOADED, text));
-        }
-
-        let Some(key) = request.dedup_key().map(str::to_string) else {
-            return self.run(name, request, resolver, None, reply_to, ctx);
-        };
-        match self.dedup.admit(&key, reply_to, Instant::now()) {
-            Admission::New(reply_to) => self.run(name, request, resolver, Some(key), reply_to, ctx),
-            Admission::Parked => debug!(router = self.settings.role, key, "duplicate parked"),
-            Admission::Answered(reply, reply_to) => {
-                debug!(
-                    router = self.settings.role,
-                    key, "duplicate answered from cache"
-                );
-                self.answer(reply_to, reply.with_echo(echo));
-            }
-        }
-    }
-
-    /// Send the command to its handler as a future of its own, so the router
-    /// keeps serving while the handler works.
-    fn run(
-        &mut self,
-        name: String,
-        request: CommandRequest,
-        resolver: HandlerResolver,
-        key: Option<String>,
-        reply_to: ReplyTo,
-        ctx: &mut Context<Self>,
-    ) {
-        let echo = request.echo();
-        let Some(handler) = resolver() else {
-            let text = format!("the handler for `{name}` is restarting; try again");
-            let reply = CommandReply::error(echo, code::HANDLER_FAILED, text);
-            return self.finish(key, reply, reply_to);
-        };
-        self.in_flight += 1;
-        let call = handler
-            .send(Command {
-                name: name.clone(),
-                request,
-            })
-            .timeout(self.settings.handler_timeout);
-        let timeout = self.settings.handler_timeout;
-        ctx.spawn(call.into_actor(self).map(move |outcome, router, _| {
-            router.in_flight -= 1;
-            let reply = match outcome {
-                Ok(Ok(result)) => result_reply(echo, &name, result),
-                Ok(Err(err)) => CommandReply::error(echo, err.code, err.message),
-                Err(MailboxError::Timeout) => {
-                    let text = format!("`{name}` did not answer within {} ms", timeout.as_millis());
-                    CommandReply::error(echo, code::TIMEOUT, text)
-                }
-                Err(MailboxError::Closed) => {
-                    warn!(router = router.settings.role, command = %name, "handler is gone");
-                    let text = format!("the handler for `{name}` crashed or stopped");
-                    CommandReply::error(echo, code::HANDLER_FAILED, text)
-                }
-            };
-            router.finish(key, reply, reply_to);
-        }));
-    }
-
-    /// Reply to the first caller and to every duplicate parked behind it.
-    fn finish(&mut self, key: Option<String>, reply: CommandReply, reply_to: ReplyTo) {
-        if let Some(key) = key {
-            for waiter in self.dedup.complete(&key, reply.clone(), Instant::now()) {
-                self.answer(waiter, reply.clone());
-            }
-        }
-        self.answer(reply_to, reply);
-    }
-
-    fn answer(&mut self, reply_to: ReplyTo, reply: CommandReply) {
-        match reply.code() {
-            None => self.counters.ok += 1,
-            Some(code) => {
-                let code = known_code(code);
-                *self.counters.errors.entry(code).or_default() += 1;
-            }
-        }
-        reply_to.send(&reply);
+    fn role(&self) -> &'static str {
+        self.core.settings().role
     }
 
     fn reject(&mut self, body: &[u8], err: WireError, reply_to: ReplyTo, ctx: &mut Context<Self>) {
-        debug!(router = self.settings.role, code = err.code, error = %err, "request rejected");
+        debug!(router = self.role(), code = err.code, error = %err, "request rejected");
         let echo = if err.code == code::TOO_LARGE {
             Echo::default()
         } else {
@@ -331,7 +145,8 @@ impl CommandRouter {
         if err.code == code::BAD_REQUEST {
             self.bury(body, &err, ctx);
         }
-        self.answer(reply_to, CommandReply::error(echo, err.code, err.message));
+        self.core
+            .answer_now(reply_to, CommandReply::error(echo, err.code, err.message));
     }
 
     /// Keep an unparseable body in the dead letter store, unless
@@ -341,11 +156,10 @@ impl CommandRouter {
             return;
         };
         if self.dead_letters_pending >= MAX_DEAD_LETTERS_PENDING {
-            self.counters.dead_letters_skipped += 1;
-            let skipped = self.counters.dead_letters_skipped;
+            let skipped = self.core.count_dead_letter_skipped();
             if skipped % DEAD_LETTER_SKIP_LOG_INTERVAL == 1 {
                 warn!(
-                    router = self.settings.role,
+                    router = self.role(),
                     skipped,
                     pending = self.dead_letters_pending,
                     "dead letter store behind; unparseable request answered, not kept"
@@ -354,65 +168,26 @@ impl CommandRouter {
             return;
         }
         self.dead_letters_pending += 1;
-        let entry = DeadLetter::unparseable(self.settings.role, body, err.message.clone());
+        let entry = DeadLetter::unparseable(self.role(), body, err.message.clone());
         let stored = dead_letters.send(Bury { entry });
         ctx.spawn(stored.into_actor(self).map(|_, router, _| {
             router.dead_letters_pending -= 1;
         }));
     }
-}
 
-/// A handler's result as an ok reply, or `handler_failed` when the reply
-/// would nest deeper than any Rust peer (this crate's own client included)
-/// can decode: the reply object and its `result` add one level, and an
-/// `echo` of a payload near the request limit would otherwise cross it.
-fn result_reply(echo: Echo, name: &str, result: Value) -> CommandReply {
-    let depth = nesting_depth(&result) + 1;
-    if depth > MAX_NESTING {
-        drop_without_recursion(result);
-        let text = format!(
-            "the reply of `{name}` would nest {depth} levels deep; the limit is {MAX_NESTING}"
-        );
-        return CommandReply::error(echo, code::HANDLER_FAILED, text);
+    /// Run `call` as a future of its own, so the router keeps serving while
+    /// the handler works. A call still running when the router stops is
+    /// answered `shutting_down` as it is dropped.
+    fn spawn_call(&mut self, call: Call, ctx: &mut Context<Self>) {
+        ctx.spawn(actix::fut::wrap_future(call.run()));
     }
-    CommandReply::ok(echo, result)
-}
-
-/// Drop `value` however deep it nests: serde_json's own drop recurses once
-/// per level, which overflows the stack on a value thousands of levels deep.
-fn drop_without_recursion(value: Value) {
-    let mut pending = vec![value];
-    while let Some(value) = pending.pop() {
-        match value {
-            Value::Array(items) => pending.extend(items),
-            Value::Object(map) => pending.extend(map.into_iter().map(|(_, item)| item)),
-            _ => {}
-        }
-    }
-}
-
-/// Counter keys are static; a handler's own code is counted as `other`.
-fn known_code(value: &str) -> &'static str {
-    [
-        code::BAD_REQUEST,
-        code::UNKNOWN_COMMAND,
-        code::HANDLER_FAILED,
-        code::TIMEOUT,
-        code::OVERLOADED,
-        code::TOO_LARGE,
-        code::SHUTTING_DOWN,
-        code::NOT_FOUND,
-    ]
-    .into_iter()
-    .find(|known| *known == value)
-    .unwrap_or("other")
 }
 
 impl Actor for CommandRouter {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Self::Context) {
-        debug!(router = self.settings.role, "router started");
+        debug!(router = self.role(), "router started");
     }
 }
 
@@ -420,15 +195,24 @@ impl Handler<Inbound> for CommandRouter {
     type Result = ();
 
     fn handle(&mut self, inbound: Inbound, ctx: &mut Self::Context) {
-        self.counters.received += 1;
         let Inbound { body, mut reply } = inbound;
-        match CommandRequest::decode(&body, self.settings.max_message_size) {
+        match CommandRequest::decode(&body, self.core.settings().max_message_size) {
             Ok(request) => {
                 reply.remember_echo(request.echo());
-                self.accept(request, ReplyTo::Edge(reply), ctx)
+                if let Some(call) = self.core.accept(request, ReplyTo::Edge(reply)) {
+                    self.spawn_call(call, ctx);
+                }
             }
             Err(err) => self.reject(&body, err, ReplyTo::Edge(reply), ctx),
         }
+    }
+}
+
+impl Handler<RunCall> for CommandRouter {
+    type Result = ();
+
+    fn handle(&mut self, run: RunCall, ctx: &mut Self::Context) {
+        self.spawn_call(run.call, ctx);
     }
 }
 
@@ -436,10 +220,11 @@ impl Handler<Dispatch> for CommandRouter {
     type Result = ResponseFuture<CommandReply>;
 
     fn handle(&mut self, dispatch: Dispatch, ctx: &mut Self::Context) -> Self::Result {
-        self.counters.received += 1;
         let echo = dispatch.request.echo();
         let (sender, receiver) = oneshot::channel();
-        self.accept(dispatch.request, ReplyTo::Local(sender), ctx);
+        if let Some(call) = self.core.accept(dispatch.request, ReplyTo::Local(sender)) {
+            self.spawn_call(call, ctx);
+        }
         Box::pin(async move {
             receiver.await.unwrap_or_else(|_| {
                 CommandReply::error(echo, code::SHUTTING_DOWN, "the router stopped")
@@ -452,9 +237,7 @@ impl Handler<StopIntake> for CommandRouter {
     type Result = usize;
 
     fn handle(&mut self, stop: StopIntake, _ctx: &mut Self::Context) -> usize {
-        self.intake_open = false;
-        self.still_served = stop.still_served;
-        self.in_flight
+        self.core.stop_intake(stop.still_served)
     }
 }
 
@@ -462,7 +245,7 @@ impl Handler<InFlight> for CommandRouter {
     type Result = usize;
 
     fn handle(&mut self, _: InFlight, _ctx: &mut Self::Context) -> usize {
-        self.in_flight
+        self.core.in_flight()
     }
 }
 
@@ -470,16 +253,7 @@ impl Handler<StatsQuery> for CommandRouter {
     type Result = MessageResult<StatsQuery>;
 
     fn handle(&mut self, _: StatsQuery, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(json!({
-            "role": self.settings.role,
-            "received": self.counters.received,
-            "ok": self.counters.ok,
-            "errors": self.counters.errors,
-            "in_flight": self.in_flight,
-            "duplicates": self.dedup.hits(),
-            "dead_letters_skipped": self.counters.dead_letters_skipped,
-            "commands": self.routes.names(),
-        }))
+        MessageResult(self.core.stats())
     }
 }
 

@@ -324,3 +324,119 @@ async fn a_lazy_client_started_before_the_bus_gets_its_reply_once_the_bus_is_up(
     assert_eq!(pong["pong"], json!(true));
     bus.shutdown().await;
 }
+
+/// Echoes its payload; `boom` panics.
+fn inline_echo(command: Command) -> Result<Value, HandlerError> {
+    if command.request.payload.contains_key("boom") {
+        panic!("inline handler asked to panic");
+    }
+    Ok(Value::Object(command.request.payload))
+}
+
+#[actix_rt::test]
+async fn an_inline_handler_answers_over_the_socket_and_a_panic_fails_only_its_request() {
+    let addresses = TestAddresses::new();
+    let config = BusConfig::default().addresses(addresses.addresses.clone());
+    let bus = Bus::builder(config)
+        .inline_command("quick", inline_echo)
+        .start()
+        .expect("bus starts");
+    ready(&bus).await;
+    let client = client(&addresses.addresses.command, Duration::from_secs(5)).await;
+
+    let reply = client.call("quick", json!({"n": 1})).await.unwrap();
+    assert_eq!(reply, json!({"n": 1}));
+    let err = client
+        .call("quick", json!({"boom": true}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Remote { code, .. } if code == "handler_failed"),
+        "{err}"
+    );
+    let reply = client.call("quick", json!({"n": 2})).await.unwrap();
+    assert_eq!(reply, json!({"n": 2}), "the next request was not served");
+
+    let status = client.call("status", json!({})).await.unwrap();
+    assert_eq!(
+        status["roles"]["command"]["inline_panics"],
+        json!(1),
+        "{status}"
+    );
+    bus.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn an_inline_handler_runs_once_for_a_repeated_job_uuid() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let bus = Bus::builder(BusConfig::in_process().edges(EdgeSet::NONE))
+        .inline_command("count", move |_| {
+            Ok(json!(counted.fetch_add(1, Ordering::SeqCst) + 1))
+        })
+        .start()
+        .expect("bus starts");
+
+    let mut request = CommandRequest::new("count", json!({}));
+    request.job_uuid = Some("once".into());
+    let first = bus.request(request.clone()).await;
+    let second = bus.request(request).await;
+    assert_eq!(first.to_value()["result"], json!(1));
+    assert_eq!(first, second);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    bus.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn concurrent_in_process_duplicates_run_the_actor_handler_once() {
+    let (slow, calls) = handler(Duration::from_millis(200));
+    let bus = Bus::builder(BusConfig::in_process().edges(EdgeSet::NONE))
+        .command("slow", slow)
+        .start()
+        .expect("bus starts");
+
+    let mut request = CommandRequest::new("slow", json!({"n": 7}));
+    request.request_id = Some("twice".into());
+    let (first, second) = tokio::join!(bus.request(request.clone()), bus.request(request));
+    assert!(first.is_ok(), "{first:?}");
+    assert_eq!(first, second);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    bus.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_router_restart_keeps_the_duplicate_cache() {
+    use dgbit_bus::supervisor::{FaultKind, InjectFault};
+
+    let addresses = TestAddresses::new();
+    let (echo, calls) = handler(Duration::ZERO);
+    let bus = start_bus(&addresses, &[("echo", echo)]);
+    ready(&bus).await;
+    let client = client(&addresses.addresses.command, Duration::from_secs(5)).await;
+    let mut request = CommandRequest::new("echo", json!({"n": 1}));
+    request.job_uuid = Some("before-the-crash".into());
+    let first = client.request(&request).await.unwrap();
+    assert!(first.is_ok(), "{first:?}");
+
+    let router = bus.command_router();
+    let restarts = router.stats().restarts;
+    router
+        .do_send(InjectFault {
+            kind: FaultKind::Panic,
+        })
+        .unwrap_or_else(|_| panic!("the router took no fault"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while router.stats().restarts == restarts {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the router never restarted"
+        );
+        actix::clock::sleep(Duration::from_millis(10)).await;
+    }
+    router.live().await.expect("the router came back");
+
+    let again = client.request(&request).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran again");
+    bus.shutdown().await;
+}

@@ -16,7 +16,7 @@ use crate::cpu::{CpuSample, CpuUse};
 use crate::raw::{Answer, RawEchoServer, RawLoad, RawReqClient, Throughput, OPERATION_LIMIT};
 use crate::server::command_bus;
 use crate::table::{Row, Tail, Target};
-use crate::transport::{next_id, RequestTemplate, Transport};
+use crate::transport::{next_id, RequestTemplate, Transport, INLINE_ECHO_COMMAND};
 use crate::Budget;
 
 /// Concurrent clients in workload 2.
@@ -50,16 +50,19 @@ pub fn round_trip(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
     let codec = RawEchoServer::listen(&codec_url, RAW_CONTEXTS, Answer::Codec)?;
     let runtime = client_runtime()?;
     let template = RequestTemplate::new();
+    let inline = RequestTemplate::for_command(INLINE_ECHO_COMMAND);
 
     let bus_client = runtime.block_on(connect(&bus_url))?;
     let raw_to_bus = RawReqClient::dial(&bus_url)?;
     let raw_client = RawReqClient::dial(raw.url())?;
     let codec_client = RawReqClient::dial(codec.url())?;
 
-    // Blocks of round trips cycle through the four pairs, so that a change
+    // Blocks of round trips cycle through the six pairs, so that a change
     // in the machine's load falls on all of them alike.
     let mut through_client = Vec::new();
+    let mut client_inline = Vec::new();
     let mut through_raw_req = Vec::new();
+    let mut raw_req_inline = Vec::new();
     let mut baseline = Vec::new();
     let mut with_codec = Vec::new();
     let total = budget.round_trips * budget.rounds;
@@ -67,14 +70,20 @@ pub fn round_trip(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
     let mut warming = true;
     while through_client.len() < total && Instant::now() < deadline {
         let count = if warming { WARM_UP } else { LATENCY_BLOCK };
-        let samples = runtime.block_on(bus_round_trips(&bus_client, &template, count))?;
-        keep_if(!warming, &mut through_client, samples);
-        for (client, into) in [
-            (&raw_to_bus, &mut through_raw_req),
-            (&raw_client, &mut baseline),
-            (&codec_client, &mut with_codec),
+        for (template, into) in [
+            (&template, &mut through_client),
+            (&inline, &mut client_inline),
         ] {
-            keep_if(!warming, into, raw_round_trips(client, &template, count)?);
+            let samples = runtime.block_on(bus_round_trips(&bus_client, template, count))?;
+            keep_if(!warming, into, samples);
+        }
+        for (client, template, into) in [
+            (&raw_to_bus, &template, &mut through_raw_req),
+            (&raw_to_bus, &inline, &mut raw_req_inline),
+            (&raw_client, &template, &mut baseline),
+            (&codec_client, &template, &mut with_codec),
+        ] {
+            keep_if(!warming, into, raw_round_trips(client, template, count)?);
         }
         warming = false;
     }
@@ -88,12 +97,27 @@ pub fn round_trip(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
             .tails(bus_tail, base_tail)
             .note(format!("{} / {} samples", samples.len(), base.len()))
     };
-    let mut echo = baseline.clone();
     Ok(vec![
-        row("1 round trip, BusClient", &mut through_client, &mut echo).target(Target::AtMost(1.15)),
+        row(
+            "1 round trip, BusClient",
+            &mut through_client,
+            &mut baseline.clone(),
+        )
+        .target(Target::AtMost(1.15)),
+        row(
+            "1 round trip, BusClient, inline handler",
+            &mut client_inline,
+            &mut baseline.clone(),
+        )
+        .target(Target::AtMost(1.15)),
         row(
             "1 round trip, raw REQ to bus",
             &mut through_raw_req,
+            &mut baseline.clone(),
+        ),
+        row(
+            "1 round trip, raw REQ to bus, inline handler",
+            &mut raw_req_inline,
             &mut baseline,
         ),
         row(
@@ -168,7 +192,9 @@ pub fn concurrent(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
         anyhow::Ok(clients)
     })?;
 
+    let inline = RequestTemplate::for_command(INLINE_ECHO_COMMAND);
     let to_bus = RawLoad::dial(&bus_url, CLIENTS)?;
+    let to_bus_inline = RawLoad::dial_with(&bus_url, CLIENTS, inline.clone())?;
     let to_raw = RawLoad::dial(raw.url(), CLIENTS)?;
     let to_codec = RawLoad::dial(codec.url(), CLIENTS)?;
     let to_python = match &python {
@@ -177,7 +203,9 @@ pub fn concurrent(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
     };
 
     let mut through_clients = (Throughput::default(), CpuUse::default());
+    let mut clients_inline = (Throughput::default(), CpuUse::default());
     let mut through_raw_req = (Throughput::default(), CpuUse::default());
+    let mut raw_req_inline = (Throughput::default(), CpuUse::default());
     let mut baseline = (Throughput::default(), CpuUse::default());
     let mut with_codec = (Throughput::default(), CpuUse::default());
     let mut against_python = (Throughput::default(), CpuUse::default());
@@ -190,11 +218,17 @@ pub fn concurrent(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
                 total.1.add(&CpuSample::now().since(&sample));
             }
         };
-        let sample = CpuSample::now();
-        let run = runtime.block_on(bus_load(&clients, &template, length));
-        keep(&mut through_clients, sample, run);
+        for (template, total) in [
+            (&template, &mut through_clients),
+            (&inline, &mut clients_inline),
+        ] {
+            let sample = CpuSample::now();
+            let run = runtime.block_on(bus_load(&clients, template, length));
+            keep(total, sample, run);
+        }
         for (load, total) in [
             (&to_bus, &mut through_raw_req),
+            (&to_bus_inline, &mut raw_req_inline),
             (&to_raw, &mut baseline),
             (&to_codec, &mut with_codec),
         ] {
@@ -207,7 +241,9 @@ pub fn concurrent(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
         }
     }
     let (through_clients, clients_cpu) = through_clients;
+    let (clients_inline, clients_inline_cpu) = clients_inline;
     let (through_raw_req, raw_req_cpu) = through_raw_req;
+    let (raw_req_inline, raw_req_inline_cpu) = raw_req_inline;
     let (baseline, baseline_cpu) = baseline;
     let (with_codec, codec_cpu) = with_codec;
     let (against_python, _) = against_python;
@@ -235,9 +271,20 @@ pub fn concurrent(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<R
         row("2 x32 clients, BusClient", &through_clients, &clients_cpu)
             .target(Target::AtLeast(0.85)),
         row(
+            "2 x32 clients, BusClient, inline handler",
+            &clients_inline,
+            &clients_inline_cpu,
+        )
+        .target(Target::AtLeast(0.85)),
+        row(
             "2 x32 clients, raw REQ to bus",
             &through_raw_req,
             &raw_req_cpu,
+        ),
+        row(
+            "2 x32 clients, raw REQ to bus, inline handler",
+            &raw_req_inline,
+            &raw_req_inline_cpu,
         ),
         Row::new(
             "2 x32 clients, raw REQ to bus vs codec-only server",

@@ -204,13 +204,22 @@ impl RawLoad {
     ///
     /// [`run`]: RawLoad::run
     pub fn dial(url: &str, clients: usize) -> anyhow::Result<Self> {
+        Self::dial_with(url, clients, RequestTemplate::new())
+    }
+
+    /// As [`RawLoad::dial`], sending requests built from `template`.
+    ///
+    /// # Errors
+    ///
+    /// As [`RawLoad::dial`].
+    pub fn dial_with(url: &str, clients: usize, template: RequestTemplate) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(LoadCounters {
             completed: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         });
         let (done_sender, done) = mpsc::channel();
-        let template = Arc::new(RequestTemplate::new());
+        let template = Arc::new(template);
         let mut sockets = Vec::with_capacity(clients);
         let mut pairs = Vec::with_capacity(clients);
         for _ in 0..clients {

@@ -18,7 +18,7 @@ use dgbit_bus::router::FnHandler;
 use serde_json::Value;
 use tokio::sync::mpsc as channel;
 
-use crate::transport::ECHO_COMMAND;
+use crate::transport::{ECHO_COMMAND, INLINE_ECHO_COMMAND};
 
 /// How long the bus may take to open its edges.
 const OPEN_LIMIT: Duration = Duration::from_secs(10);
@@ -54,7 +54,8 @@ pub fn command_bus(url: &str) -> anyhow::Result<BusServer> {
 
 type BusJob = Box<dyn FnOnce(Rc<BusHandle>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
-/// A bus serving [`ECHO_COMMAND`] with the edges `config` enables; stopped
+/// A bus serving [`ECHO_COMMAND`] (an actor) and [`INLINE_ECHO_COMMAND`]
+/// (inline) with the edges `config` enables; stopped
 /// (drained, edges closed, ipc files removed) when dropped.
 pub struct BusServer {
     jobs: Option<channel::UnboundedSender<BusJob>>,
@@ -77,6 +78,7 @@ impl BusServer {
                     let handler = echo_handler().start();
                     let started = Bus::builder(config)
                         .command(ECHO_COMMAND, handler.recipient())
+                        .inline_command(INLINE_ECHO_COMMAND, echo)
                         .start();
                     let bus = match started {
                         Ok(bus) => bus,

@@ -45,8 +45,12 @@ fn free_port() -> u16 {
 /// The size of every command request the workloads send.
 pub const REQUEST_SIZE: usize = 256;
 
-/// The command the bus's bench handler serves.
+/// The command the bus's bench handler actor serves.
 pub const ECHO_COMMAND: &str = "bench.echo";
+
+/// The same echo as an inline handler, run on the thread that received the
+/// request (the template's padding keeps its requests at 256 bytes too).
+pub const INLINE_ECHO_COMMAND: &str = "bench.echo_inline";
 
 /// Digits of the per-request id; ids are zero-padded so every request has
 /// the same size.
@@ -68,6 +72,7 @@ pub fn next_id() -> u64 {
 /// same bytes.
 #[derive(Debug, Clone)]
 pub struct RequestTemplate {
+    command: &'static str,
     pad: String,
     /// The encoding of request 0, and where its id digits start.
     bytes: Vec<u8>,
@@ -76,7 +81,13 @@ pub struct RequestTemplate {
 
 impl RequestTemplate {
     pub fn new() -> Self {
+        Self::for_command(ECHO_COMMAND)
+    }
+
+    /// Requests for `command` instead of [`ECHO_COMMAND`].
+    pub fn for_command(command: &'static str) -> Self {
         let mut template = Self {
+            command,
             pad: String::new(),
             bytes: Vec::new(),
             id_at: 0,
@@ -103,7 +114,7 @@ impl RequestTemplate {
     /// dispatch).
     pub fn request(&self, n: u64) -> CommandRequest {
         let mut request = CommandRequest::new(
-            ECHO_COMMAND,
+            self.command,
             json!({"symbol": "EURUSD", "interval": "60", "pad": self.pad}),
         );
         request.request_id = Some(Self::id(n));
