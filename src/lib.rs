@@ -21,13 +21,17 @@
 //! # The life of one command
 //!
 //! A REQ peer sends bytes to the command address. The [`edge::rep`] edge
-//! receives them on one of its NNG contexts and hands them, with a reply
-//! slot, to the [`router::CommandRouter`]. The router decodes them
-//! ([`wire::CommandRequest::decode`]), suppresses duplicates, and sends a
-//! typed [`message::Command`] to the handler actor registered for the command
-//! name. The handler's `Result` becomes a [`wire::CommandReply`], which the
-//! router writes into the reply slot; the edge sends it on the same context
-//! and re-arms it for the next request.
+//! receives them on one of its NNG contexts, decodes them
+//! ([`wire::CommandRequest::decode`]) on that NNG thread, and hands them,
+//! with a reply slot, to the router's [`router::RouterCore`], which
+//! suppresses duplicates and looks up the handler. An inline handler runs
+//! right there; for an actor handler the call goes to the
+//! [`router::CommandRouter`], which sends a typed [`message::Command`] to
+//! the handler actor and awaits it as a future of its own. The handler's
+//! `Result` becomes a [`wire::CommandReply`], written into the reply slot;
+//! the edge sends it on the same context and re-arms it for the next
+//! request. An in-process [`bus::BusHandle::request`] takes the same path
+//! from the core on, in its caller.
 
 pub mod backoff;
 pub mod builtin;

@@ -10,8 +10,11 @@
 //! telling anyone, so this difference is the only count), and should be 0.
 //!
 //! - bus: `Bus` with its PUB edge; an in-process producer on the bus's own
-//!   thread awaits `send(Publish)` on the publisher role for each event.
-//!   The bus's PUB edge queues 1024 messages per peer.
+//!   thread publishes with `BusHandle::publish` (fire and forget, as
+//!   embedding code does) and, after each batch of [`BATCH`], awaits a
+//!   stats query on the publisher role: its mailbox is first in, first out,
+//!   so the answer means the batch has been sent. The bus's PUB edge queues
+//!   1024 messages per peer.
 //! - raw: a bare PUB socket sending the same 256 bytes in a loop, with the
 //!   same 1024-message peer queue.
 //!
@@ -29,7 +32,7 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use dgbit_bus::config::EdgeSet;
 use dgbit_bus::edge::subscribe::{SubEdge, SubEdgeSettings};
-use dgbit_bus::message::{EventDelivery, Publish};
+use dgbit_bus::message::{EventDelivery, StatsQuery};
 use dgbit_bus::topics::Pattern;
 use dgbit_bus::wire::Event;
 use nng::options::protocol::pubsub::Subscribe;
@@ -73,8 +76,8 @@ const WINDOW: u64 = 96;
 
 /// Sleep while `published` is more than [`WINDOW`] ahead of the slowest
 /// subscriber. Blocks the calling thread: on the bus's thread that is
-/// harmless here, the publisher has handled every event already (each
-/// `send` was awaited) and nothing else runs on that bus.
+/// harmless here, the publisher has handled every event already (the batch
+/// ended with an awaited query) and nothing else runs on that bus.
 fn hold_back(tally: &Tally, published: u64) {
     let limit = Instant::now() + SETTLE_LIMIT;
     while published > tally.fewest() + WINDOW && Instant::now() < limit {
@@ -372,12 +375,12 @@ impl Publisher for BusPublisher {
             while started.elapsed() < length {
                 hold_back(&tally, sent);
                 for _ in 0..BATCH {
-                    let event = template.clone();
-                    publisher
-                        .send(Publish { event })
-                        .await
-                        .map_err(|err| anyhow::anyhow!("publish: {err}"))?;
+                    bus.publish(template.clone());
                 }
+                publisher
+                    .send(StatsQuery)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("publisher: {err}"))?;
                 sent += BATCH;
             }
             Ok(sent)
