@@ -58,7 +58,7 @@ use crate::publisher::{
     PublisherSettings, SubscriberRegistry, SubscriptionId, TopicPublisher, PUBLISH_COMMAND,
 };
 use crate::router::{
-    CommandRouter, Dispatch, ReplyTo, RouteTable, RouterCore, RouterSettings, RunCall,
+    CommandRouter, Decoded, Dispatch, ReplyTo, RouteTable, RouterCore, RouterSettings,
 };
 use crate::supervisor::{supervise, GiveUp, RoleSendError, SupervisedRole, SupervisorOptions};
 use crate::topics::{PatternError, SERVICE_STARTED, SERVICE_STOPPED};
@@ -739,18 +739,14 @@ fn rep_opener(
             return refused.unwrap_or_else(|r| refuse(&router.actor, r, Inbound::refuse));
         };
         reply.remember_echo(request.echo());
-        match router.core.accept(request, ReplyTo::Edge(reply)) {
-            None => {}
-            Some(call) if call.is_inline() => call.run_inline(),
-            Some(call) => {
-                let refused = router.actor.do_send(RunCall { call });
-                refused.unwrap_or_else(|r| {
-                    refuse(&router.actor, r, |run, code, text| {
-                        run.call.refuse(code, text)
-                    })
-                });
+        if router.core.serves_inline(&request) {
+            if let Some(call) = router.core.accept(request, ReplyTo::Edge(reply)) {
+                call.run_inline();
             }
+            return;
         }
+        let refused = router.actor.do_send(Decoded { request, reply });
+        refused.unwrap_or_else(|r| refuse(&router.actor, r, Decoded::refuse));
     });
     let (url, options, contexts) = (url.to_string(), options.clone(), config.contexts_per_socket);
     Arc::new(move || RepEdge::listen(&url, &options, contexts, sink.clone()))

@@ -1,9 +1,15 @@
 //! `BusClient`: the Rust counterpart of dgbit's Python `NNGClient`.
 //!
-//! One REQ socket, one NNG context per request, so requests from many tasks
-//! run at once and a request that timed out leaves nothing behind: its context
-//! is closed and NNG drops the late reply. The next request on the same
-//! client works as usual.
+//! One REQ socket. A request goes on the socket itself while no other
+//! request of the client is in flight (the fast path, see [`direct`]), and
+//! on an NNG context of its own otherwise, so requests from many tasks run
+//! at once. A request that timed out leaves nothing behind: NNG drops the
+//! late reply. The next request on the same client works as usual.
+//!
+//! The fast path waits on NNG's notification descriptors through the tokio
+//! reactor of the runtime that first sends, so that runtime needs IO
+//! enabled (`#[actix::main]`, `#[tokio::main]` and `Runtime::new` have it);
+//! [`ClientOptions::socket_path`] turns it off.
 //!
 //! # Retry and reconnection
 //!
@@ -23,6 +29,9 @@ use nng::{Aio, AioResult, Context, Dialer, DialerBuilder, Message, Protocol, Soc
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+mod direct;
+
+use self::direct::DirectPath;
 use crate::edge::nng_receive_max;
 use crate::wire::{CommandReply, CommandRequest, WireError};
 
@@ -48,6 +57,9 @@ pub struct ClientOptions {
     /// the connection. Default 16 MiB: twice the bus's default limit, so
     /// anything in between gets the bus's own `too_large` reply.
     pub max_request_size: usize,
+    /// Send a request on the socket itself while no other request of the
+    /// client is in flight (see the module doc). On by default.
+    pub socket_path: bool,
 }
 
 impl Default for ClientOptions {
@@ -61,6 +73,7 @@ impl Default for ClientOptions {
             reconnect_max: Duration::from_secs(5),
             max_reply_size: 16 * 1024 * 1024,
             max_request_size: 16 * 1024 * 1024,
+            socket_path: true,
         }
     }
 }
@@ -73,6 +86,13 @@ impl ClientOptions {
 
     pub fn resend_interval(mut self, interval: Duration) -> Self {
         self.resend_interval = Some(interval);
+        self
+    }
+
+    /// Use the socket-level fast path (`true`, the default) or contexts
+    /// only (`false`, for a runtime without IO).
+    pub fn socket_path(mut self, enabled: bool) -> Self {
+        self.socket_path = enabled;
         self
     }
 
@@ -113,6 +133,10 @@ impl ClientError {
 
 /// A REQ client of the command or data bus.
 pub struct BusClient {
+    // Declared first so that it drops first: it lends the socket's
+    // notification descriptors to the reactor, and must give them back
+    // before the socket closes them.
+    direct: DirectPath,
     url: String,
     socket: Socket,
     _dialer: Dialer,
@@ -174,6 +198,7 @@ impl BusClient {
         builder.set_opt::<ReconnectMaxTime>(Some(options.reconnect_max))?;
         let dialer = builder.start(lazy).map_err(|(_, err)| err)?;
         Ok(BusClient {
+            direct: DirectPath::new(options.socket_path),
             url: url.into(),
             socket,
             _dialer: dialer,
@@ -195,8 +220,9 @@ impl BusClient {
     ///
     /// # Cancellation safety
     ///
-    /// Dropping the future abandons the request: its context is closed and a
-    /// late reply is discarded. The handler on the bus may still run.
+    /// Dropping the future abandons the request: NNG discards a late reply
+    /// (its context is closed, or on the socket path the next request
+    /// supersedes it). The handler on the bus may still run.
     pub async fn request(&self, request: &CommandRequest) -> Result<CommandReply, ClientError> {
         let body = self.send_raw(&request.encode()).await?;
         CommandReply::decode(&body).map_err(ClientError::BadReply)
@@ -238,8 +264,13 @@ impl BusClient {
             });
         }
         let timeout = self.options.timeout;
-        let exchange = Exchange::start(&self.socket, body, timeout)?;
-        match tokio::time::timeout(timeout, exchange.reply()).await {
+        let exchange = async {
+            if let Some(claim) = self.direct.claim(&self.socket) {
+                return claim.exchange(&self.socket, body).await;
+            }
+            Exchange::start(&self.socket, body, timeout)?.reply().await
+        };
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(reply)) => Ok(reply.as_slice().to_vec()),
             Ok(Err(nng::Error::TimedOut)) | Err(_) => Err(ClientError::Timeout { after: timeout }),
             Ok(Err(err)) => Err(ClientError::Transport(err)),
@@ -276,8 +307,8 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn start(socket: &Socket, body: &[u8], timeout: Duration) -> Result<Exchange, ClientError> {
-        let ctx = Context::new(socket).map_err(ClientError::Transport)?;
+    fn start(socket: &Socket, body: &[u8], timeout: Duration) -> Result<Exchange, nng::Error> {
+        let ctx = Context::new(socket)?;
         let (sender, receiver) = oneshot::channel();
         let sender = Mutex::new(Some(sender));
         let abandoned = Arc::new(Mutex::new(false));
@@ -303,12 +334,10 @@ impl Exchange {
             AioResult::Send(Err((_, err))) => deliver(Err(err)),
             AioResult::Recv(outcome) => deliver(outcome),
             AioResult::Sleep(_) => {}
-        })
-        .map_err(ClientError::Transport)?;
-        aio.set_timeout(Some(timeout))
-            .map_err(ClientError::Transport)?;
+        })?;
+        aio.set_timeout(Some(timeout))?;
         ctx.send(&aio, Message::from(body))
-            .map_err(|(_, err)| ClientError::Transport(err))?;
+            .map_err(|(_, err)| err)?;
         Ok(Exchange {
             aio,
             _ctx: ctx,

@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 pub use self::routes::{HandlerResolver, InlineHandler, Route, RouteTable};
 pub use self::routing::{Call, ReplyTo, RouterCore};
 use crate::dead_letter::{Bury, DeadLetter};
-use crate::edge::rep::Inbound;
+use crate::edge::rep::{Inbound, ReplySlot};
 use crate::message::{Command, HandlerError, StatsQuery};
 use crate::wire::{code, CommandReply, CommandRequest, Echo, WireError};
 
@@ -71,11 +71,22 @@ pub struct Dispatch {
     pub request: CommandRequest,
 }
 
-/// Run an admitted call to an actor handler on the router's context.
+/// A request the edge has decoded, for the router to route on its own
+/// thread: the call to an actor handler runs there anyway, and routing it
+/// there keeps the NNG threads free to receive.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RunCall {
-    pub call: Call,
+pub struct Decoded {
+    pub request: CommandRequest,
+    pub reply: ReplySlot,
+}
+
+impl Decoded {
+    /// Answer the request with `code` without routing it.
+    pub fn refuse(self, code: &str, text: &str) {
+        let reply = CommandReply::error(self.request.echo(), code, text);
+        self.reply.send(reply.encode());
+    }
 }
 
 /// Stop taking new requests (they get `shutting_down`), except for the
@@ -208,11 +219,14 @@ impl Handler<Inbound> for CommandRouter {
     }
 }
 
-impl Handler<RunCall> for CommandRouter {
+impl Handler<Decoded> for CommandRouter {
     type Result = ();
 
-    fn handle(&mut self, run: RunCall, ctx: &mut Self::Context) {
-        self.spawn_call(run.call, ctx);
+    fn handle(&mut self, decoded: Decoded, ctx: &mut Self::Context) {
+        let Decoded { request, reply } = decoded;
+        if let Some(call) = self.core.accept(request, ReplyTo::Edge(reply)) {
+            self.spawn_call(call, ctx);
+        }
     }
 }
 

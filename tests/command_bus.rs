@@ -440,3 +440,74 @@ async fn a_router_restart_keeps_the_duplicate_cache() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran again");
     bus.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn one_client_serves_concurrent_requests_and_a_quick_one_is_not_held_behind_a_slow_one() {
+    let addresses = TestAddresses::new();
+    let (slow, _) = handler(Duration::from_secs(2));
+    let bus = start_bus(&addresses, &[("slow", slow)]);
+    ready(&bus).await;
+    let client = client(&addresses.addresses.command, Duration::from_secs(10)).await;
+
+    // The slow request holds the client's socket-level path; the ping goes
+    // on a context of its own and must not wait for the slow one.
+    let slow_call = client.call("slow", json!({}));
+    tokio::pin!(slow_call);
+    let ping_call = async {
+        actix::clock::sleep(Duration::from_millis(100)).await;
+        client.call("ping", json!({})).await
+    };
+    let first = tokio::select! {
+        pong = ping_call => ("ping", pong.map(|_| ())),
+        slow = &mut slow_call => ("slow", slow.map(|_| ())),
+    };
+    assert_eq!(first.0, "ping", "the ping waited behind the slow request");
+    assert!(first.1.is_ok(), "{first:?}");
+    assert_eq!(slow_call.await.unwrap(), json!({"echo": {}}));
+    bus.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_late_reply_to_a_timed_out_request_never_answers_the_next_one() {
+    let addresses = TestAddresses::new();
+    let (slow, _) = handler(Duration::from_millis(700));
+    let (mid, _) = handler(Duration::from_millis(350));
+    let bus = start_bus(&addresses, &[("slow", slow), ("mid", mid)]);
+    ready(&bus).await;
+    let client = client(&addresses.addresses.command, Duration::from_millis(500)).await;
+
+    let err = client.call("slow", json!({"n": 1})).await.unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    // The first request's reply arrives about 200 ms into this one.
+    let reply = client.call("mid", json!({"n": 2})).await.unwrap();
+    assert_eq!(reply, json!({"echo": {"n": 2}}));
+    let reply = client.call("mid", json!({"n": 3})).await.unwrap();
+    assert_eq!(reply, json!({"echo": {"n": 3}}));
+    bus.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_dropped_request_leaves_the_client_usable() {
+    let addresses = TestAddresses::new();
+    let (slow, _) = handler(Duration::from_millis(500));
+    let bus = start_bus(&addresses, &[("slow", slow)]);
+    ready(&bus).await;
+    let client = client(&addresses.addresses.command, Duration::from_secs(5)).await;
+
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(100),
+        client.call("slow", json!({"n": 1})),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the slow request answered within 100 ms"
+    );
+    assert_eq!(
+        client.call("ping", json!({})).await.unwrap()["pong"],
+        json!(true)
+    );
+    let reply = client.call("slow", json!({"n": 2})).await.unwrap();
+    assert_eq!(reply, json!({"echo": {"n": 2}}));
+    bus.shutdown().await;
+}

@@ -165,12 +165,22 @@ struct Peer {
 }
 
 impl Peer {
+    /// Dial `url`. A burst of peers can find the listen backlog full for a
+    /// moment, which the kernel answers with "try again"; a peer retries
+    /// that, as NNG's own background dialer would, up to [`REPLY_LIMIT`].
     fn dial(url: &str) -> Result<Peer, nng::Error> {
         let socket = Socket::new(Protocol::Req0)?;
         socket.set_opt::<RecvTimeout>(Some(REPLY_LIMIT))?;
         socket.set_opt::<SendTimeout>(Some(REPLY_LIMIT))?;
-        socket.dial(url)?;
-        Ok(Peer { socket })
+        let deadline = Instant::now() + REPLY_LIMIT;
+        loop {
+            match socket.dial(url) {
+                Err(nng::Error::TryAgain) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                outcome => return outcome.map(|()| Peer { socket }),
+            }
+        }
     }
 
     /// Send `body` and return the reply as JSON.

@@ -83,6 +83,11 @@ impl RouteTable {
         names
     }
 
+    /// Whether `name` is served by an inline handler.
+    pub fn is_inline(&self, name: &str) -> bool {
+        matches!(self.read().get(name), Some(Route::Inline(_)))
+    }
+
     pub(crate) fn resolve(&self, name: &str) -> Option<Route> {
         self.read().get(name).cloned()
     }

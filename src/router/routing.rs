@@ -133,6 +133,17 @@ impl RouterCore {
         })
     }
 
+    /// Whether `request` goes to an inline handler, to be routed and run
+    /// on the receiving thread.
+    pub fn serves_inline(&self, request: &CommandRequest) -> bool {
+        let default = self.settings.default_command.as_deref();
+        request
+            .command
+            .as_deref()
+            .or(default)
+            .is_some_and(|name| self.routes.is_inline(name))
+    }
+
     /// Decide a request's fate: answer it now, park it behind its first
     /// copy, or hand back the [`Call`] that runs its handler.
     pub fn accept(self: &Arc<Self>, request: CommandRequest, reply_to: ReplyTo) -> Option<Call> {
