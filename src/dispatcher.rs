@@ -139,6 +139,7 @@ pub mod protocol;
 pub mod queue;
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -152,7 +153,7 @@ use crate::edge::listener::EdgeSlot;
 use crate::edge::push::{PushEdge, PushNotice, PushOutcome};
 use crate::message::{Command, EventSink, HandlerError, ProgressReporter, RunJob, StatsQuery};
 use crate::wire::{code, Event, JobMessage};
-use queue::{Effect, JobQueue, QueueConfig, Report, ReportState};
+use queue::{Effect, JobQueue, LeaseRequest, QueueConfig, Report, ReportState};
 
 /// How often leases, retry delays and lease waits are checked.
 pub const TICK_INTERVAL: Duration = Duration::from_millis(50);
@@ -554,6 +555,23 @@ impl QueueDispatcher {
         stats
     }
 
+    /// Ask the queue for a job for `request`; the future is the
+    /// `bus.lease` reply, ready when a job is granted or the wait runs out.
+    fn lease(
+        &mut self,
+        request: LeaseRequest,
+        ctx: &mut Context<Self>,
+    ) -> impl Future<Output = Value> + Send + 'static {
+        let wait = request.wait;
+        let receiver = self.apply(ctx, |queue, now| queue.lease(request, now));
+        async move {
+            // The tick answers a wait that ran out; this timeout only
+            // guards against a dispatcher that is gone for good.
+            let grant = tokio::time::timeout(wait + Duration::from_secs(2), receiver).await;
+            protocol::lease_reply(grant.ok().and_then(Result::ok).flatten())
+        }
+    }
+
     fn command(
         &mut self,
         command: Command,
@@ -572,21 +590,26 @@ impl QueueDispatcher {
             }
             "bus.lease" => {
                 let request = protocol::lease_request(&payload, MAX_LEASE_WAIT)?;
-                let wait = request.wait;
-                let receiver = self.apply(ctx, |queue, now| queue.lease(request, now));
-                Ok(CommandAnswer::Later(Box::pin(async move {
-                    // The tick answers a wait that ran out; this timeout only
-                    // guards against a dispatcher that is gone for good.
-                    let grant = tokio::time::timeout(wait + Duration::from_secs(2), receiver).await;
-                    Ok(protocol::lease_reply(
-                        grant.ok().and_then(Result::ok).flatten(),
-                    ))
-                })))
+                let lease = self.lease(request, ctx);
+                Ok(CommandAnswer::Later(Box::pin(
+                    async move { Ok(lease.await) },
+                )))
             }
             "bus.report" => {
                 let report = protocol::report(&payload)?;
+                let next = protocol::next_lease(&payload, &report, MAX_LEASE_WAIT)?;
                 let outcome = self.apply(ctx, |queue, now| queue.report(report, now));
-                Ok(CommandAnswer::Now(protocol::report_reply(outcome)))
+                let mut reply = protocol::report_reply(outcome);
+                let Some(request) = next else {
+                    return Ok(CommandAnswer::Now(reply));
+                };
+                // The report is applied before the lease is asked for, so
+                // the worker's slot is free again when the queue looks.
+                let lease = self.lease(request, ctx);
+                Ok(CommandAnswer::Later(Box::pin(async move {
+                    reply["next"] = lease.await;
+                    Ok(reply)
+                })))
             }
             "bus.cancel" => {
                 let job_id = protocol::job_id(&payload)?;

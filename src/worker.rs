@@ -31,6 +31,12 @@
 //!    - `"failed"` with `"error": "<text>"` (retried with backoff until
 //!      `max_retries`, then dead-lettered).
 //!
+//!    A `completed` or `failed` report may ask for the slot's next job in
+//!    the same round trip: add `"next": {"job_types": [..], "wait_ms": N}`
+//!    (the fields of `bus.lease`; the worker is the report's). The reply
+//!    then carries `"next"`, which is exactly a `bus.lease` reply. A worker
+//!    that is busy all the time so makes one round trip per job.
+//!
 //!    Every report renews the lease for another `lease_ms`. The reply is
 //!    `{"accepted": true}`, or `{"accepted": false, "reason"}` when the job
 //!    is no longer leased to this worker (the lease ran out and the job went
@@ -296,14 +302,23 @@ impl JobWorker {
         summary
     }
 
-    /// Lease and run jobs, one at a time, until told to stop.
+    /// Lease and run jobs, one at a time, until told to stop. Each final
+    /// report asks for the next job too; a job granted that way is run even
+    /// when the worker is stopping, so it is not stranded until its lease
+    /// runs out.
     async fn slot(&self, slot: usize) {
         let mut backoff = self.options.error_backoff;
-        while !self.stopping.load(Ordering::Relaxed) {
-            match self.lease().await {
+        let mut next = None;
+        loop {
+            let leased = match next.take() {
+                Some(leased) => Ok(Some(leased)),
+                None if self.stopping.load(Ordering::Relaxed) => return,
+                None => self.lease().await,
+            };
+            match leased {
                 Ok(Some(leased)) => {
                     backoff = self.options.error_backoff;
-                    self.run_job(leased).await;
+                    next = self.run_job(leased).await;
                 }
                 Ok(None) => backoff = self.options.error_backoff,
                 Err(err) => {
@@ -317,13 +332,24 @@ impl JobWorker {
         }
     }
 
-    async fn lease(&self) -> Result<Option<Leased>, WorkerError> {
-        let payload = json!({
-            "worker": self.options.worker_id,
+    /// The fields of a lease request (`bus.lease`, or a final report's
+    /// `next`).
+    fn lease_fields(&self) -> Value {
+        json!({
             "job_types": self.handlers.keys().collect::<Vec<_>>(),
             "wait_ms": self.options.lease_wait.min(MAX_LEASE_WAIT).as_millis() as u64,
-        });
+        })
+    }
+
+    async fn lease(&self) -> Result<Option<Leased>, WorkerError> {
+        let mut payload = self.lease_fields();
+        payload["worker"] = self.options.worker_id.clone().into();
         let reply = self.channel.call("bus.lease", payload).await?;
+        self.leased(&reply)
+    }
+
+    /// The job a `bus.lease` reply grants, if any.
+    fn leased(&self, reply: &Value) -> Result<Option<Leased>, WorkerError> {
         let job = match reply.get("job") {
             None | Some(Value::Null) => return Ok(None),
             Some(job) => job.clone(),
@@ -344,9 +370,10 @@ impl JobWorker {
         }))
     }
 
-    /// Run one leased job: report `started`, keep the lease alive with
-    /// heartbeats and progress while the handler runs, report the outcome.
-    async fn run_job(&self, leased: Leased) {
+    /// Run one leased job: keep the lease alive with heartbeats and
+    /// progress while the handler runs, report the outcome; returns the
+    /// next job, when the final report got one.
+    async fn run_job(&self, leased: Leased) -> Option<Leased> {
         let Leased {
             job,
             lease_id,
@@ -356,8 +383,7 @@ impl JobWorker {
         debug!(worker = %self.options.worker_id, job_id, job_type = %job.job_type, "job leased");
         let Some(handler) = self.handlers.get(&job.job_type).cloned() else {
             let error = format!("no handler for job type `{}`", job.job_type);
-            self.finish(&job_id, lease_id, Err(error)).await;
-            return;
+            return self.finish(&job_id, lease_id, Err(error)).await;
         };
         // No `started` report: the bus published `job.started` when it
         // granted the lease, and the first heartbeat renews it. One round
@@ -398,13 +424,20 @@ impl JobWorker {
             Ok(Err(err)) => Err(err.message),
             Err(err) => Err(format!("the job handler is unavailable: {err}")),
         };
-        self.finish(&job_id, lease_id, outcome).await;
+        self.finish(&job_id, lease_id, outcome).await
     }
 
-    /// Report the final outcome, retrying a lost report a few times: a
-    /// report that never arrives costs a redelivery after the lease.
-    async fn finish(&self, job_id: &str, lease_id: Option<u64>, outcome: Result<Value, String>) {
-        let (payload, counter) = match outcome {
+    /// Report the final outcome, asking for the slot's next job unless the
+    /// worker is stopping, and retrying a lost report a few times: a report
+    /// that never arrives costs a redelivery after the lease. Returns the
+    /// next job, if the bus granted one.
+    async fn finish(
+        &self,
+        job_id: &str,
+        lease_id: Option<u64>,
+        outcome: Result<Value, String>,
+    ) -> Option<Leased> {
+        let (mut payload, counter) = match outcome {
             Ok(result) => (
                 json!({"state": "completed", "result": result}),
                 &self.counters.completed,
@@ -414,13 +447,16 @@ impl JobWorker {
                 &self.counters.failed,
             ),
         };
+        if !self.stopping.load(Ordering::Relaxed) {
+            payload["next"] = self.lease_fields();
+        }
         for attempt in 1..=FINAL_REPORT_ATTEMPTS {
             match self.send_report(job_id, lease_id, payload.clone()).await {
-                Ok(accepted) => {
-                    if accepted {
+                Ok(reply) => {
+                    if accepted(&reply) {
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
-                    return;
+                    return self.next_from(&reply);
                 }
                 Err(err) if attempt < FINAL_REPORT_ATTEMPTS => {
                     warn!(job_id, attempt, error = %err, "final report failed; retrying");
@@ -430,6 +466,21 @@ impl JobWorker {
             }
         }
         self.counters.reports_lost.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// The next job a final report's reply grants. A grant that is not a
+    /// valid job is counted as a lease error; the slot then asks again.
+    fn next_from(&self, reply: &Value) -> Option<Leased> {
+        let next = reply.get("next")?;
+        match self.leased(next) {
+            Ok(leased) => leased,
+            Err(err) => {
+                self.counters.lease_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(worker = %self.options.worker_id, error = %err, "next job not usable");
+                None
+            }
+        }
     }
 
     /// Send one report; false only when the bus said the job is no longer
@@ -437,7 +488,7 @@ impl JobWorker {
     /// report may still reach the bus within the lease.
     async fn report(&self, job_id: &str, lease_id: Option<u64>, fields: Value) -> bool {
         match self.send_report(job_id, lease_id, fields).await {
-            Ok(accepted) => accepted,
+            Ok(reply) => accepted(&reply),
             Err(err) => {
                 self.counters.reports_lost.fetch_add(1, Ordering::Relaxed);
                 warn!(job_id, error = %err, "report lost");
@@ -446,14 +497,14 @@ impl JobWorker {
         }
     }
 
-    /// Send a report; Ok(false) when the bus ignored it (the job is no
-    /// longer ours).
+    /// Send a report and return the bus's reply; a report the bus ignored
+    /// (the job is no longer ours) is counted here.
     async fn send_report(
         &self,
         job_id: &str,
         lease_id: Option<u64>,
         fields: Value,
-    ) -> Result<bool, WorkerError> {
+    ) -> Result<Value, WorkerError> {
         let mut payload = json!({"worker": self.options.worker_id, "job_id": job_id});
         if let Some(lease_id) = lease_id {
             payload["lease_id"] = lease_id.into();
@@ -462,16 +513,20 @@ impl JobWorker {
             payload.extend(fields);
         }
         let reply = self.channel.call("bus.report", payload).await?;
-        let accepted = reply
-            .get("accepted")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if !accepted {
+        if !accepted(&reply) {
             self.counters
                 .reports_ignored
                 .fetch_add(1, Ordering::Relaxed);
             debug!(job_id, reason = ?reply.get("reason"), "report ignored by the bus");
         }
-        Ok(accepted)
+        Ok(reply)
     }
+}
+
+/// Whether a `bus.report` reply accepted the report.
+fn accepted(reply: &Value) -> bool {
+    reply
+        .get("accepted")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }

@@ -490,6 +490,52 @@ async fn a_leased_job_is_completed_by_report_and_late_reports_are_ignored() {
 }
 
 #[actix_rt::test]
+async fn a_final_report_can_lease_the_next_job_in_the_same_round_trip() {
+    let mut bus = harness(settings());
+    let first = bus.enqueue(JobMessage::new("t", json!({"n": 1}))).await;
+    let second = bus.enqueue(JobMessage::new("t", json!({"n": 2}))).await;
+    let lease = bus
+        .command("bus.lease", json!({"worker": "w1", "job_types": ["t"]}))
+        .await
+        .unwrap();
+    assert_eq!(lease["job"]["job_id"], json!(first));
+
+    let done = |job_id: &str, lease_id: &Value| {
+        json!({"worker": "w1", "job_id": job_id, "lease_id": lease_id, "state": "completed",
+               "result": {}, "next": {"job_types": ["t"], "wait_ms": 0}})
+    };
+    let reply = bus
+        .command("bus.report", done(&first, &lease["lease_id"]))
+        .await
+        .unwrap();
+    assert_eq!(reply["accepted"], json!(true));
+    assert_eq!(reply["next"]["job"]["job_id"], json!(second), "{reply}");
+    assert!(reply["next"]["lease_id"].is_u64(), "{reply}");
+
+    // The queue is empty now: the next lease comes back empty.
+    let reply = bus
+        .command("bus.report", done(&second, &reply["next"]["lease_id"]))
+        .await
+        .unwrap();
+    assert_eq!(reply["accepted"], json!(true));
+    assert_eq!(reply["next"], json!({"job": null}));
+    bus.events_until(Duration::from_secs(5), |seen| {
+        count(seen, "job.completed") == 2
+    })
+    .await;
+
+    // `next` only goes with a final report.
+    let third = bus.enqueue(JobMessage::new("t", json!({}))).await;
+    bus.command("bus.lease", json!({"worker": "w1"}))
+        .await
+        .unwrap();
+    let heartbeat = json!({"worker": "w1", "job_id": third, "state": "heartbeat",
+                           "next": {"wait_ms": 0}});
+    let err = bus.command("bus.report", heartbeat).await.unwrap_err();
+    assert_eq!(err.code, "bad_request");
+}
+
+#[actix_rt::test]
 async fn a_silent_worker_loses_its_lease_and_the_job_goes_to_the_next_with_one_more_retry() {
     let bus = harness(settings());
     let job_id = bus.enqueue(JobMessage::new("t", json!({}))).await;

@@ -3,13 +3,13 @@
 //! completion (acks on) or receipt (acks off).
 //!
 //! - acks on, bus: four `JobWorker`s, each on an actix system of its own
-//!   thread with one slot, leasing over the command bus (`bus.lease`, then
-//!   `bus.report` `started` and `completed`: three round trips per job) and
-//!   running a no-op handler actor. Jobs are enqueued in-process.
-//! - acks on, raw: the same three round trips per job, with the same JSON
-//!   bodies, from four threads with blocking REQ sockets to a bare REP
-//!   server that pops jobs from a `Mutex<VecDeque>` (no actors, no JSON
-//!   decoding).
+//!   thread with one slot, leasing over the command bus and running a
+//!   no-op handler actor: one `bus.lease`, then for each job one
+//!   `bus.report` `completed` that leases the next job too (`next`), so one
+//!   round trip per job while there is work. Jobs are enqueued in-process.
+//! - acks on, raw: the same round trips with the same JSON bodies, from
+//!   four threads with blocking REQ sockets to a bare REP server that pops
+//!   job bodies from a `Mutex<VecDeque>` (no actors, no JSON decoding).
 //! - acks off, bus: the bus's PUSH edge to four bare PULL threads; the job
 //!   type is configured push-only, jobs are enqueued in-process.
 //! - acks off, raw: a bare PUSH socket sending the same job bodies to the
@@ -342,6 +342,8 @@ struct RawLeaseServer {
 
 const LEASE_PREFIX: &[u8] = br#"{"command":"bus.lease""#;
 const COMPLETED_MARK: &[u8] = br#""state":"completed""#;
+const NEXT_MARK: &[u8] = br#""next":{"#;
+const NO_NEXT_JOB: &[u8] = br#""next":{"job":null}}}"#;
 
 impl RawLeaseServer {
     fn listen(url: &str) -> anyhow::Result<Self> {
@@ -388,21 +390,39 @@ impl RawLeaseServer {
     }
 }
 
+/// The reply to a lease, or to a report (leasing the next job when it has
+/// `next`), built from the queued job objects by concatenation.
 fn lease_reply(request: &[u8], jobs: &Mutex<VecDeque<Vec<u8>>>, completed: &AtomicU64) -> Vec<u8> {
-    if request.starts_with(LEASE_PREFIX) {
+    let contains = |mark: &[u8]| request.windows(mark.len()).any(|w| w == mark);
+    let grant = || {
         let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-        return match job {
-            Some(job) => job,
-            None => br#"{"status":"ok","job_uuid":null,"result":{"job":null}}"#.to_vec(),
-        };
-    }
-    if request
-        .windows(COMPLETED_MARK.len())
-        .any(|w| w == COMPLETED_MARK)
-    {
-        completed.fetch_add(1, Ordering::Relaxed);
-    }
-    br#"{"status":"ok","job_uuid":null,"result":{"accepted":true}}"#.to_vec()
+        match job {
+            Some(job) => [
+                br#"{"job":"#.as_slice(),
+                &job,
+                br#","lease_ms":30000,"lease_id":1}"#,
+            ]
+            .concat(),
+            None => br#"{"job":null}"#.to_vec(),
+        }
+    };
+    let result = if request.starts_with(LEASE_PREFIX) {
+        grant()
+    } else {
+        if contains(COMPLETED_MARK) {
+            completed.fetch_add(1, Ordering::Relaxed);
+        }
+        match contains(NEXT_MARK) {
+            true => [br#"{"accepted":true,"next":"#.as_slice(), &grant(), b"}"].concat(),
+            false => br#"{"accepted":true}"#.to_vec(),
+        }
+    };
+    [
+        br#"{"status":"ok","job_uuid":null,"result":"#.as_slice(),
+        &result,
+        b"}",
+    ]
+    .concat()
 }
 
 impl Drop for RawLeaseServer {
@@ -416,16 +436,45 @@ impl Drop for RawLeaseServer {
     }
 }
 
-/// Four threads with blocking REQ sockets doing lease, `started`,
-/// `completed` for every job they get, idling briefly on an empty queue.
+/// Four threads with blocking REQ sockets: a lease, then a `completed`
+/// report that leases the next job, for every job they get; idling briefly
+/// on an empty queue. Outside their own runs they wait on [`Gate`], so
+/// that their polling takes no CPU from the bus's runs.
 struct RawLeaseWorkers {
     stop: Arc<AtomicBool>,
+    gate: Arc<Gate>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// Open while the raw lease workers' run lasts.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn set(&self, open: bool) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = open;
+        self.changed.notify_all();
+    }
+
+    /// Wait until the gate is open or `stop` is set (checked every 100 ms).
+    fn wait_open(&self, stop: &AtomicBool) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open && !stop.load(Ordering::Acquire) {
+            open = match self.changed.wait_timeout(open, Duration::from_millis(100)) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
 }
 
 impl RawLeaseWorkers {
     fn start(url: &str) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(Gate::default());
         let mut threads = Vec::new();
         for index in 0..WORKERS {
             let socket = Socket::new(Protocol::Req0)?;
@@ -434,47 +483,55 @@ impl RawLeaseWorkers {
             socket
                 .dial(url)
                 .with_context(|| format!("raw lease worker dial {url}"))?;
-            let stop = stop.clone();
+            let (stop, gate) = (stop.clone(), gate.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("bench-lease-{index}"))
-                    .spawn(move || raw_lease_loop(&socket, index, &stop))?,
+                    .spawn(move || raw_lease_loop(&socket, index, &stop, &gate))?,
             );
         }
-        Ok(Self { stop, threads })
+        Ok(Self {
+            stop,
+            gate,
+            threads,
+        })
     }
 }
 
-fn raw_lease_loop(socket: &Socket, index: usize, stop: &AtomicBool) {
+fn raw_lease_loop(socket: &Socket, index: usize, stop: &AtomicBool, gate: &Gate) {
     let worker = format!("bench-worker-{index}");
     let lease = json!({"command": "bus.lease", "payload":
         {"worker": worker, "job_types": [JOB_TYPE], "wait_ms": LEASE_WAIT.as_millis() as u64}});
     let lease = serde_json::to_vec(&lease).unwrap_or_default();
-    let report = |state: &str| {
-        let body = json!({"command": "bus.report", "payload": {"worker": worker,
-            "job_id": "00000000-0000-4000-8000-000000000000", "lease_id": 1, "state": state}});
-        serde_json::to_vec(&body).unwrap_or_default()
-    };
-    let (started, completed) = (report("started"), report("completed"));
+    let completed = json!({"command": "bus.report", "payload": {"worker": worker,
+        "job_id": "00000000-0000-4000-8000-000000000000", "lease_id": 1, "state": "completed",
+        "result": {}, "next": {"job_types": [JOB_TYPE], "wait_ms": LEASE_WAIT.as_millis() as u64}}});
+    let completed = serde_json::to_vec(&completed).unwrap_or_default();
     let call = |body: &[u8]| -> Option<Message> {
         socket.send(Message::from(body)).ok()?;
         socket.recv().ok()
     };
+    let mut holding = false;
     while !stop.load(Ordering::Acquire) {
-        let Some(reply) = call(&lease) else { return };
-        if reply.as_slice().ends_with(br#"{"job":null}}"#) {
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
+        if !holding {
+            gate.wait_open(stop);
+            let Some(reply) = call(&lease) else { return };
+            if reply.as_slice().ends_with(br#"{"job":null}}"#) {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
         }
-        if call(&started).is_none() || call(&completed).is_none() {
+        let Some(reply) = call(&completed) else {
             return;
-        }
+        };
+        holding = !reply.as_slice().ends_with(NO_NEXT_JOB);
     }
 }
 
 impl Drop for RawLeaseWorkers {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.gate.set(false);
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -482,15 +539,10 @@ impl Drop for RawLeaseWorkers {
 }
 
 /// The raw lease baseline: fill the queue, wait until all are completed.
-fn raw_lease_run(server: &RawLeaseServer, count: u64) -> JobRun {
+fn raw_lease_run(server: &RawLeaseServer, workers: &RawLeaseWorkers, count: u64) -> JobRun {
     let before = server.completed.load(Ordering::Relaxed);
     let bodies: Vec<Vec<u8>> = (0..count)
-        .map(|_| {
-            let job = JobMessage::new(JOB_TYPE, json!({})).to_value();
-            let reply = json!({"status": "ok", "job_uuid": null,
-                "result": {"job": job, "lease_ms": 30000, "lease_id": 1}});
-            serde_json::to_vec(&reply).unwrap_or_default()
-        })
+        .map(|_| JobMessage::new(JOB_TYPE, json!({})).encode())
         .collect();
     let started = Instant::now();
     server
@@ -498,9 +550,12 @@ fn raw_lease_run(server: &RawLeaseServer, count: u64) -> JobRun {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .extend(bodies);
-    wait_done(started, count, || {
+    workers.gate.set(true);
+    let run = wait_done(started, count, || {
         server.completed.load(Ordering::Relaxed) - before
-    })
+    });
+    workers.gate.set(false);
+    run
 }
 
 /// # Errors
@@ -520,7 +575,7 @@ pub fn workers(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
     let lease_workers = LeaseWorkers::start(&lease_url)?;
     let raw_lease_url = transport.url(dir.path(), "raw-lease");
     let raw_lease = RawLeaseServer::listen(&raw_lease_url)?;
-    let _raw_lease_workers = RawLeaseWorkers::start(&raw_lease_url)?;
+    let raw_lease_workers = RawLeaseWorkers::start(&raw_lease_url)?;
 
     // Acks off: the bus's PUSH edge against a bare PUSH socket.
     let push_url = transport.url(dir.path(), "bus-queue");
@@ -550,7 +605,7 @@ pub fn workers(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
         let count = if round == 0 { count / 4 } else { count };
         let measured = [
             with_cpu(|| bus_lease_run(&lease_bus, &lease_workers, count))?,
-            with_cpu(|| Ok(raw_lease_run(&raw_lease, count)))?,
+            with_cpu(|| Ok(raw_lease_run(&raw_lease, &raw_lease_workers, count)))?,
             with_cpu(|| bus_push_run(&push_bus, &bus_pull, count))?,
             with_cpu(|| raw_push_run(&raw_push, &raw_pull, count))?,
         ];
@@ -570,7 +625,7 @@ pub fn workers(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>
             .figures(acked.per_second(), raw_acked.per_second())
             .target(Target::AtLeast(0.6))
             .note(format!(
-                "baseline: raw REQ/REP, same 3 round trips per job; {} jobs; bus {}; \
+                "baseline: raw REQ/REP, same round trips (one per job); {} jobs; bus {}; \
                  baseline {}; vs raw PUSH/PULL {:.2}",
                 acked.done,
                 acked_cpu.per_operation(acked.done),

@@ -133,6 +133,37 @@ pub fn report(payload: &Map<String, Value>) -> Result<Report, HandlerError> {
     })
 }
 
+/// The lease a final report asks for in the same round trip: its payload's
+/// `next` object, read as a `bus.lease` payload of the reporting worker.
+/// `None` when there is no `next`.
+///
+/// # Errors
+///
+/// `bad_request` when `next` is not an object, goes with a report that is
+/// not `completed` or `failed`, or has a mistyped field.
+pub fn next_lease(
+    payload: &Map<String, Value>,
+    report: &Report,
+    max_wait: Duration,
+) -> Result<Option<LeaseRequest>, HandlerError> {
+    let next = match payload.get("next") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(next)) => next,
+        Some(_) => return Err(HandlerError::bad_request("`next` must be an object")),
+    };
+    if !matches!(
+        report.state,
+        ReportState::Completed(_) | ReportState::Failed(_)
+    ) {
+        return Err(HandlerError::bad_request(
+            "`next` goes only with a `completed` or `failed` report",
+        ));
+    }
+    let mut lease = next.clone();
+    lease.insert("worker".into(), Value::String(report.worker.clone()));
+    lease_request(&lease, max_wait).map(Some)
+}
+
 /// The reply to `bus.report`.
 pub fn report_reply(outcome: ReportOutcome) -> Value {
     match outcome {
