@@ -786,7 +786,7 @@ impl Inbound {
     /// Answer a body no router took with `code`.
     fn refuse(self, code: &str, text: &str) {
         let reply = CommandReply::error(Echo::salvage(&self.body), code, text);
-        self.reply.send(reply.encode());
+        self.reply.send(&reply.encode());
     }
 }
 

@@ -85,7 +85,7 @@ impl Decoded {
     /// Answer the request with `code` without routing it.
     pub fn refuse(self, code: &str, text: &str) {
         let reply = CommandReply::error(self.request.echo(), code, text);
-        self.reply.send(reply.encode());
+        self.reply.send(&reply.encode());
     }
 }
 

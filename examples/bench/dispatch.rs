@@ -5,9 +5,11 @@
 //! duplicate tracking, the handler timeout and the reply built) against a
 //! bare `Addr::send` of the same `Command` to the same handler actor.
 //!
-//! A third figure bounds what any design with an actor between caller and
-//! handler can reach: a bare forwarding actor that sends each `Command` on
-//! to the handler and returns its answer, nothing else.
+//! Two more figures: the same through the router without a `request_id`
+//! (no duplicate tracking: what that costs), and a bare forwarding actor
+//! that sends each `Command` on to the handler and returns its answer,
+//! nothing else (what any design with an actor between caller and handler
+//! could reach).
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,7 @@ pub fn in_process(budget: &Budget) -> anyhow::Result<Vec<Row>> {
         .start();
 
         let mut routed = Throughput::default();
+        let mut unkeyed = Throughput::default();
         let mut bare = Throughput::default();
         let mut forwarded = Throughput::default();
         for round in 0..=budget.rounds {
@@ -59,11 +62,13 @@ pub fn in_process(budget: &Budget) -> anyhow::Result<Vec<Row>> {
             } else {
                 budget.round
             };
-            let through_bus = through_router(&bus, &template, length).await?;
+            let through_bus = through_router(&bus, &template, true, length).await?;
+            let without_key = through_router(&bus, &template, false, length).await?;
             let straight = direct(&handler.clone().recipient(), &template, length).await?;
             let via = direct(&forwarder.clone().recipient(), &template, length).await?;
             if round > 0 {
                 routed.add(through_bus);
+                unkeyed.add(without_key);
                 bare.add(straight);
                 forwarded.add(via);
             }
@@ -77,21 +82,31 @@ pub fn in_process(budget: &Budget) -> anyhow::Result<Vec<Row>> {
                 "baseline: Addr::send to the handler; {} / {} commands",
                 routed.completed, bare.completed
             ));
+        let no_key = Row::new("3 in-process dispatch, no request_id", "in-proc", "cmd/s")
+            .figures(unkeyed.per_second(), bare.per_second())
+            .note("the same without duplicate tracking");
         let bound = Row::new("3 bare forwarding actor (bound)", "in-proc", "cmd/s")
             .figures(forwarded.per_second(), bare.per_second())
             .note("any actor between caller and handler: two mailbox hops, no work");
-        Ok(vec![row, bound])
+        Ok(vec![row, no_key, bound])
     })
 }
 
+/// Requests through `bus.request`; `keyed` keeps their `request_id`.
 async fn through_router(
     bus: &BusHandle,
     template: &RequestTemplate,
+    keyed: bool,
     length: Duration,
 ) -> anyhow::Result<Throughput> {
     let mut run = Throughput::default();
     while run.elapsed < length {
-        let requests = batch(template);
+        let mut requests = batch(template);
+        if !keyed {
+            requests
+                .iter_mut()
+                .for_each(|request| request.request_id = None);
+        }
         let started = Instant::now();
         for request in requests {
             let reply = bus.request(request).await;

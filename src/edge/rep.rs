@@ -47,13 +47,13 @@ impl ReplySlot {
     }
 
     /// Send `body` as the reply and re-arm the context.
-    pub fn send(mut self, body: Vec<u8>) {
+    pub fn send(mut self, body: &[u8]) {
         self.sent = true;
         self.send_now(body);
     }
 
-    fn send_now(&self, body: Vec<u8>) {
-        if let Err((_, err)) = self.ctx.send(&self.aio, Message::from(&body[..])) {
+    fn send_now(&self, body: &[u8]) {
+        if let Err((_, err)) = self.ctx.send(&self.aio, Message::from(body)) {
             // The context is closed (shutdown) or the peer went away: the
             // reply cannot be delivered, so count it.
             self.counters.replies_lost.fetch_add(1, Ordering::Relaxed);
@@ -73,7 +73,7 @@ impl Drop for ReplySlot {
             self.counters
                 .dropped_unanswered
                 .fetch_add(1, Ordering::Relaxed);
-            self.send_now(reply.encode());
+            self.send_now(&reply.encode());
         }
     }
 }

@@ -36,13 +36,35 @@ pub enum ReplyTo {
 impl ReplyTo {
     fn send(self, reply: CommandReply) {
         match self {
-            ReplyTo::Edge(slot) => slot.send(reply.encode()),
+            ReplyTo::Edge(slot) => slot.send(&reply.encode()),
             ReplyTo::Local(sender) => {
                 let _ = sender.send(reply);
             }
         }
     }
+
+    /// Send `reply`, whose encoding is `encoded` when that is at hand (an
+    /// edge then sends those bytes as they are).
+    fn send_encoded(self, reply: &CommandReply, encoded: Option<&[u8]>) {
+        match (self, encoded) {
+            (ReplyTo::Edge(slot), Some(bytes)) => slot.send(bytes),
+            (reply_to, _) => reply_to.send(reply.clone()),
+        }
+    }
+
+    /// As [`ReplyTo::send_encoded`], for the last recipient of `reply`.
+    fn send_encoded_owned(self, reply: CommandReply, encoded: Option<&[u8]>) {
+        match (self, encoded) {
+            (ReplyTo::Edge(slot), Some(bytes)) => slot.send(bytes),
+            (reply_to, _) => reply_to.send(reply),
+        }
+    }
 }
+
+/// A finished reply as the duplicate cache keeps it: encoded, one
+/// allocation, so that keeping and evicting it costs a copy and a free
+/// rather than a deep clone and a deep drop of its JSON.
+type CachedReply = Arc<[u8]>;
 
 #[derive(Debug, Default)]
 struct RouterCounters {
@@ -64,7 +86,7 @@ impl RouterCounters {
 }
 
 struct CoreState {
-    dedup: DedupCache<CommandReply, ReplyTo>,
+    dedup: DedupCache<CachedReply, ReplyTo>,
     in_flight: usize,
     intake_open: bool,
     still_served: Vec<String>,
@@ -75,6 +97,8 @@ struct CoreState {
 enum Decision {
     /// Answer now: an error, or a duplicate's cached reply.
     Answer(ReplyTo, CommandReply),
+    /// A duplicate of a finished request: answer with the cached reply.
+    Cached(ReplyTo, CachedReply),
     /// A duplicate of a running request, parked until it completes.
     Parked,
     /// Run the handler; the in-flight count already includes it.
@@ -165,6 +189,19 @@ impl RouterCore {
                 reply_to.send(reply);
                 return None;
             }
+            Decision::Cached(reply_to, cached) => {
+                debug!(
+                    router = self.settings.role,
+                    key, "duplicate answered from cache"
+                );
+                let reply = match CommandReply::decode(&cached) {
+                    Ok(reply) => reply.with_echo(echo),
+                    Err(err) => CommandReply::error(echo, code::HANDLER_FAILED, err.message),
+                };
+                self.lock().counters.count(&reply, 1);
+                reply_to.send(reply);
+                return None;
+            }
             Decision::Parked => {
                 debug!(router = self.settings.role, key, "duplicate parked");
                 return None;
@@ -233,14 +270,8 @@ impl RouterCore {
             Some(key) => match state.dedup.admit(key, reply_to, Instant::now()) {
                 Admission::New(reply_to) => reply_to,
                 Admission::Parked => return Decision::Parked,
-                Admission::Answered(reply, reply_to) => {
-                    debug!(
-                        router = self.settings.role,
-                        key, "duplicate answered from cache"
-                    );
-                    let reply = reply.with_echo(echo.clone());
-                    state.counters.count(&reply, 1);
-                    return Decision::Answer(reply_to, reply);
+                Admission::Answered(cached, reply_to) => {
+                    return Decision::Cached(reply_to, cached);
                 }
             },
         };
@@ -248,16 +279,21 @@ impl RouterCore {
         Decision::Run(reply_to, route)
     }
 
-    /// Record a call's end and return whoever is owed its reply. `cache`
-    /// keeps the reply for later duplicates; a refusal that says "try again"
-    /// must not be kept, or the retry would get it too.
-    fn close(&self, key: Option<&str>, reply: &CommandReply, cache: bool) -> Vec<ReplyTo> {
+    /// Record a call's end and return whoever is owed its reply. `cached`
+    /// is kept for later duplicates; `None` keeps nothing (a refusal that
+    /// says "try again" must not be kept, or the retry would get it too).
+    fn close(
+        &self,
+        key: Option<&str>,
+        reply: &CommandReply,
+        cached: Option<CachedReply>,
+    ) -> Vec<ReplyTo> {
         let mut state = self.lock();
         state.in_flight -= 1;
-        let waiters = match (key, cache) {
+        let waiters = match (key, cached) {
             (None, _) => Vec::new(),
-            (Some(key), true) => state.dedup.complete(key, reply.clone(), Instant::now()),
-            (Some(key), false) => state.dedup.abandon(key),
+            (Some(key), Some(cached)) => state.dedup.complete(key, cached, Instant::now()),
+            (Some(key), None) => state.dedup.abandon(key),
         };
         state.counters.count(reply, waiters.len() + 1);
         waiters
@@ -358,21 +394,25 @@ impl Call {
             None => return,
         };
         let timeout = self.core.settings.handler_timeout;
-        let reply = match handler.send(command).timeout(timeout).await {
-            Ok(Ok(result)) => result_reply(self.echo.clone(), &self.name, result),
-            Ok(Err(err)) => CommandReply::error(self.echo.clone(), err.code, err.message),
+        let outcome = handler.send(command).timeout(timeout).await;
+        // Past this point the call cannot be dropped unanswered, so its
+        // echo moves into the reply.
+        let echo = std::mem::take(&mut self.echo);
+        let reply = match outcome {
+            Ok(Ok(result)) => result_reply(echo, &self.name, result),
+            Ok(Err(err)) => CommandReply::error(echo, err.code, err.message),
             Err(MailboxError::Timeout) => {
                 let text = format!(
                     "`{}` did not answer within {} ms",
                     self.name,
                     timeout.as_millis()
                 );
-                CommandReply::error(self.echo.clone(), code::TIMEOUT, text)
+                CommandReply::error(echo, code::TIMEOUT, text)
             }
             Err(MailboxError::Closed) => {
                 warn!(router = self.core.settings.role, command = %self.name, "handler is gone");
                 let text = format!("the handler for `{}` crashed or stopped", self.name);
-                CommandReply::error(self.echo.clone(), code::HANDLER_FAILED, text)
+                CommandReply::error(echo, code::HANDLER_FAILED, text)
             }
         };
         self.finish(reply, true);
@@ -389,14 +429,16 @@ impl Call {
     }
 
     fn finish_inline(mut self, handler: &InlineHandler, command: Command) {
-        let reply = match catch_unwind(AssertUnwindSafe(|| handler(command))) {
-            Ok(Ok(result)) => result_reply(self.echo.clone(), &self.name, result),
-            Ok(Err(err)) => CommandReply::error(self.echo.clone(), err.code, err.message),
+        let outcome = catch_unwind(AssertUnwindSafe(|| handler(command)));
+        let echo = std::mem::take(&mut self.echo);
+        let reply = match outcome {
+            Ok(Ok(result)) => result_reply(echo, &self.name, result),
+            Ok(Err(err)) => CommandReply::error(echo, err.code, err.message),
             Err(_) => {
                 self.core.lock().counters.inline_panics += 1;
                 error!(router = self.core.settings.role, command = %self.name, "inline handler panicked");
                 let text = format!("the handler for `{}` panicked", self.name);
-                CommandReply::error(self.echo.clone(), code::HANDLER_FAILED, text)
+                CommandReply::error(echo, code::HANDLER_FAILED, text)
             }
         };
         self.finish(reply, true);
@@ -413,10 +455,15 @@ impl Call {
         let Some(reply_to) = self.reply_to.take() else {
             return;
         };
-        for waiter in self.core.close(self.key.as_deref(), &reply, cache) {
-            waiter.send(reply.clone());
+        // Encoded once, outside the lock: for the cache, the duplicates
+        // parked behind this call, and an edge's reply.
+        let remember = cache && self.key.is_some() && self.core.settings.dedup_capacity > 0;
+        let cached: Option<CachedReply> = remember.then(|| reply.encode().into());
+        let waiters = self.core.close(self.key.as_deref(), &reply, cached.clone());
+        for waiter in waiters {
+            waiter.send_encoded(&reply, cached.as_deref());
         }
-        reply_to.send(reply);
+        reply_to.send_encoded_owned(reply, cached.as_deref());
     }
 }
 
