@@ -394,8 +394,11 @@ impl JobWorker {
             let _ = progress_tx.send(value);
         });
         let mut outcome = std::pin::pin!(handler.send(RunJob { job, progress }));
-        let mut heartbeat = tokio::time::interval(lease / 3);
-        heartbeat.tick().await;
+        // The first heartbeat is due a third of the lease from now. (Not
+        // `interval` and a first `tick().await`: that first tick goes
+        // through the timer wheel, which costs up to a millisecond per job.)
+        let period = lease / 3;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let result = loop {
             tokio::select! {
                 result = &mut outcome => break result,
