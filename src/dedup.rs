@@ -11,6 +11,7 @@
 //! bounds them.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to do with a request whose key was just looked up.
@@ -31,9 +32,12 @@ enum Entry<R, W> {
 }
 
 /// A time- and size-bounded map from request key to reply.
+///
+/// A key is allocated once, when first admitted, and shared by the map and
+/// the eviction queue.
 pub struct DedupCache<R, W> {
-    entries: HashMap<String, Entry<R, W>>,
-    finished: VecDeque<(String, Instant)>,
+    entries: HashMap<Arc<str>, Entry<R, W>>,
+    finished: VecDeque<(Arc<str>, Instant)>,
     capacity: usize,
     ttl: Duration,
     hits: u64,
@@ -56,7 +60,7 @@ impl<R: Clone, W> DedupCache<R, W> {
         match self.entries.get_mut(key) {
             None => {
                 self.entries.insert(
-                    key.to_string(),
+                    Arc::from(key),
                     Entry::Running {
                         waiters: Vec::new(),
                     },
@@ -77,14 +81,15 @@ impl<R: Clone, W> DedupCache<R, W> {
 
     /// Record the reply for `key` and return the waiters parked on it.
     pub fn complete(&mut self, key: &str, reply: R, now: Instant) -> Vec<W> {
-        let waiters = match self.entries.remove(key) {
-            Some(Entry::Running { waiters }) => waiters,
-            _ => Vec::new(),
+        let (shared, waiters) = match self.entries.remove_entry(key) {
+            Some((shared, Entry::Running { waiters })) => (shared, waiters),
+            Some((shared, Entry::Done { .. })) => (shared, Vec::new()),
+            None => (Arc::from(key), Vec::new()),
         };
         if self.capacity > 0 {
             self.entries
-                .insert(key.to_string(), Entry::Done { reply, at: now });
-            self.finished.push_back((key.to_string(), now));
+                .insert(shared.clone(), Entry::Done { reply, at: now });
+            self.finished.push_back((shared, now));
             self.evict_over_capacity();
         }
         waiters
@@ -94,11 +99,11 @@ impl<R: Clone, W> DedupCache<R, W> {
     /// waiters parked on it: its outcome ("try again") must not answer the
     /// retries still to come.
     pub fn abandon(&mut self, key: &str) -> Vec<W> {
-        match self.entries.get(key) {
-            Some(Entry::Running { .. }) => match self.entries.remove(key) {
-                Some(Entry::Running { waiters }) => waiters,
-                _ => Vec::new(),
-            },
+        if !matches!(self.entries.get(key), Some(Entry::Running { .. })) {
+            return Vec::new();
+        }
+        match self.entries.remove(key) {
+            Some(Entry::Running { waiters }) => waiters,
             _ => Vec::new(),
         }
     }
@@ -138,9 +143,9 @@ impl<R: Clone, W> DedupCache<R, W> {
         };
         // The key may have been completed again since; remove only the entry
         // this queue position stands for.
-        if matches!(self.entries.get(&key), Some(Entry::Done { at: done_at, .. }) if *done_at == at)
+        if matches!(self.entries.get(&*key), Some(Entry::Done { at: done_at, .. }) if *done_at == at)
         {
-            self.entries.remove(&key);
+            self.entries.remove(&*key);
         }
     }
 }
