@@ -21,6 +21,18 @@ pub mod code {
     pub const TOO_LARGE: &str = "too_large";
     pub const SHUTTING_DOWN: &str = "shutting_down";
     pub const NOT_FOUND: &str = "not_found";
+
+    /// Every code the bus itself answers with.
+    pub const ALL: [&str; 8] = [
+        BAD_REQUEST,
+        UNKNOWN_COMMAND,
+        HANDLER_FAILED,
+        TIMEOUT,
+        OVERLOADED,
+        TOO_LARGE,
+        SHUTTING_DOWN,
+        NOT_FOUND,
+    ];
 }
 
 /// Why a body could not be decoded, with the reply code it maps to.

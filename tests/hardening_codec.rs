@@ -45,16 +45,7 @@ const LIVE_MAX_MESSAGE: usize = 1024 * 1024;
 /// megabytes, so any deep recursion overflows here and aborts the run.
 const SMALL_STACK: usize = 512 * 1024;
 
-const KNOWN_CODES: [&str; 8] = [
-    code::BAD_REQUEST,
-    code::UNKNOWN_COMMAND,
-    code::HANDLER_FAILED,
-    code::TIMEOUT,
-    code::OVERLOADED,
-    code::TOO_LARGE,
-    code::SHUTTING_DOWN,
-    code::NOT_FOUND,
-];
+const KNOWN_CODES: [&str; 8] = code::ALL;
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {

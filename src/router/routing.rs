@@ -509,17 +509,8 @@ fn drop_without_recursion(value: Value) {
 
 /// Counter keys are static; a handler's own code is counted as `other`.
 fn known_code(value: &str) -> &'static str {
-    [
-        code::BAD_REQUEST,
-        code::UNKNOWN_COMMAND,
-        code::HANDLER_FAILED,
-        code::TIMEOUT,
-        code::OVERLOADED,
-        code::TOO_LARGE,
-        code::SHUTTING_DOWN,
-        code::NOT_FOUND,
-    ]
-    .into_iter()
-    .find(|known| *known == value)
-    .unwrap_or("other")
+    code::ALL
+        .into_iter()
+        .find(|known| *known == value)
+        .unwrap_or("other")
 }
