@@ -597,7 +597,7 @@ impl QueueDispatcher {
             }
             "bus.report" => {
                 let report = protocol::report(&payload)?;
-                let next = protocol::next_lease(&payload, &report, MAX_LEASE_WAIT)?;
+                let next = protocol::next_lease(&payload, &report)?;
                 let outcome = self.apply(ctx, |queue, now| queue.report(report, now));
                 let mut reply = protocol::report_reply(outcome);
                 let Some(request) = next else {

@@ -32,10 +32,12 @@
 //!      `max_retries`, then dead-lettered).
 //!
 //!    A `completed` or `failed` report may ask for the slot's next job in
-//!    the same round trip: add `"next": {"job_types": [..], "wait_ms": N}`
-//!    (the fields of `bus.lease`; the worker is the report's). The reply
-//!    then carries `"next"`, which is exactly a `bus.lease` reply. A worker
-//!    that is busy all the time so makes one round trip per job.
+//!    the same round trip: add `"next": {"job_types": [..]}` (the fields of
+//!    `bus.lease`; the worker is the report's). The reply then carries
+//!    `"next"`, which is exactly a `bus.lease` reply. It is answered at once
+//!    (`wait_ms` is ignored, so the report's acknowledgement is never held
+//!    back): on `{"job": null}`, ask with `bus.lease` as usual. While there
+//!    is work, a worker so makes one round trip per job.
 //!
 //!    Every report renews the lease for another `lease_ms`. The reply is
 //!    `{"accepted": true}`, or `{"accepted": false, "reason"}` when the job
@@ -332,18 +334,17 @@ impl JobWorker {
         }
     }
 
-    /// The fields of a lease request (`bus.lease`, or a final report's
+    /// The job types a lease asks for (`bus.lease`, or a final report's
     /// `next`).
     fn lease_fields(&self) -> Value {
-        json!({
-            "job_types": self.handlers.keys().collect::<Vec<_>>(),
-            "wait_ms": self.options.lease_wait.min(MAX_LEASE_WAIT).as_millis() as u64,
-        })
+        json!({"job_types": self.handlers.keys().collect::<Vec<_>>()})
     }
 
     async fn lease(&self) -> Result<Option<Leased>, WorkerError> {
         let mut payload = self.lease_fields();
         payload["worker"] = self.options.worker_id.clone().into();
+        payload["wait_ms"] =
+            (self.options.lease_wait.min(MAX_LEASE_WAIT).as_millis() as u64).into();
         let reply = self.channel.call("bus.lease", payload).await?;
         self.leased(&reply)
     }

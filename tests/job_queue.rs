@@ -502,7 +502,7 @@ async fn a_final_report_can_lease_the_next_job_in_the_same_round_trip() {
 
     let done = |job_id: &str, lease_id: &Value| {
         json!({"worker": "w1", "job_id": job_id, "lease_id": lease_id, "state": "completed",
-               "result": {}, "next": {"job_types": ["t"], "wait_ms": 0}})
+               "result": {}, "next": {"job_types": ["t"], "wait_ms": 5000}})
     };
     let reply = bus
         .command("bus.report", done(&first, &lease["lease_id"]))
@@ -512,11 +512,18 @@ async fn a_final_report_can_lease_the_next_job_in_the_same_round_trip() {
     assert_eq!(reply["next"]["job"]["job_id"], json!(second), "{reply}");
     assert!(reply["next"]["lease_id"].is_u64(), "{reply}");
 
-    // The queue is empty now: the next lease comes back empty.
+    // The queue is empty now: the next lease comes back empty, at once
+    // (its `wait_ms` of 5 s is ignored, so the acknowledgement is not held).
+    let asked = std::time::Instant::now();
     let reply = bus
         .command("bus.report", done(&second, &reply["next"]["lease_id"]))
         .await
         .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(reply["accepted"], json!(true));
     assert_eq!(reply["next"], json!({"job": null}));
     bus.events_until(Duration::from_secs(5), |seen| {

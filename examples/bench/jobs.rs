@@ -505,7 +505,7 @@ fn raw_lease_loop(socket: &Socket, index: usize, stop: &AtomicBool, gate: &Gate)
     let lease = serde_json::to_vec(&lease).unwrap_or_default();
     let completed = json!({"command": "bus.report", "payload": {"worker": worker,
         "job_id": "00000000-0000-4000-8000-000000000000", "lease_id": 1, "state": "completed",
-        "result": {}, "next": {"job_types": [JOB_TYPE], "wait_ms": LEASE_WAIT.as_millis() as u64}}});
+        "result": {}, "next": {"job_types": [JOB_TYPE]}}});
     let completed = serde_json::to_vec(&completed).unwrap_or_default();
     let call = |body: &[u8]| -> Option<Message> {
         socket.send(Message::from(body)).ok()?;

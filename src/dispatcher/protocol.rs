@@ -134,8 +134,11 @@ pub fn report(payload: &Map<String, Value>) -> Result<Report, HandlerError> {
 }
 
 /// The lease a final report asks for in the same round trip: its payload's
-/// `next` object, read as a `bus.lease` payload of the reporting worker.
-/// `None` when there is no `next`.
+/// `next` object, read as a `bus.lease` payload of the reporting worker
+/// that does not wait (`wait_ms` is ignored). Holding the reply for a job
+/// would hold the report's acknowledgement with it, and a reply lost while
+/// held would leave the worker unsure whether its report counted. `None`
+/// when there is no `next`.
 ///
 /// # Errors
 ///
@@ -144,7 +147,6 @@ pub fn report(payload: &Map<String, Value>) -> Result<Report, HandlerError> {
 pub fn next_lease(
     payload: &Map<String, Value>,
     report: &Report,
-    max_wait: Duration,
 ) -> Result<Option<LeaseRequest>, HandlerError> {
     let next = match payload.get("next") {
         None | Some(Value::Null) => return Ok(None),
@@ -161,7 +163,7 @@ pub fn next_lease(
     }
     let mut lease = next.clone();
     lease.insert("worker".into(), Value::String(report.worker.clone()));
-    lease_request(&lease, max_wait).map(Some)
+    lease_request(&lease, Duration::ZERO).map(Some)
 }
 
 /// The reply to `bus.report`.
