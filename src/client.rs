@@ -8,8 +8,10 @@
 //!
 //! The fast path waits on NNG's notification descriptors through the tokio
 //! reactor of the runtime that first sends, so that runtime needs IO
-//! enabled (`#[actix::main]`, `#[tokio::main]` and `Runtime::new` have it);
-//! [`ClientOptions::socket_path`] turns it off.
+//! enabled (`#[actix::main]`, `#[tokio::main]` and `Runtime::new` have it;
+//! on a runtime built without it tokio panics, as it does for a client
+//! timeout on a runtime without timers). [`ClientOptions::socket_path`]
+//! turns the fast path off.
 //!
 //! # Retry and reconnection
 //!
