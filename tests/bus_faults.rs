@@ -25,7 +25,7 @@ use dgbit_bus::edge::publish::PubEdge;
 use dgbit_bus::edge::push::PushEdge;
 use dgbit_bus::edge::rep::RepEdge;
 use dgbit_bus::edge::subscribe::{SubEdge, SubEdgeSettings};
-use dgbit_bus::message::{Command, EventDelivery, HandlerError, RunJob, StatsQuery};
+use dgbit_bus::message::{Command, HandlerError, RunJob, StatsQuery};
 use dgbit_bus::router::{CommandRouter, FnHandler};
 use dgbit_bus::supervisor::{FaultKind, InjectFault, RoleState, SupervisedRole};
 use dgbit_bus::topics::Pattern;
@@ -35,7 +35,7 @@ use nng::options::Options;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
-use common::{ServeProcess, TestAddresses};
+use common::{fast_policy, recorder, ServeProcess, TestAddresses};
 
 /// Longest any single wait in these tests may take.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -46,25 +46,7 @@ const LATENESS: Duration = Duration::from_millis(250);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 
 async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(DEADLINE, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
-    }
-}
-
-/// 50, 100, 200, 400, 400 ... ms, ±10 %, ten restarts a minute.
-fn fast_policy() -> BackoffPolicy {
-    BackoffPolicy {
-        base: Duration::from_millis(50),
-        factor: 2.0,
-        cap: Duration::from_millis(400),
-        jitter: 0.1,
-        reset_after: Duration::from_secs(60),
-        budget: RestartBudget {
-            max_restarts: 10,
-            window: Duration::from_secs(60),
-        },
-    }
+    common::within(DEADLINE, what, future).await
 }
 
 fn config_for(addresses: &TestAddresses) -> BusConfig {
@@ -221,50 +203,50 @@ async fn crash_on_schedule<A>(
 
 const EVERY_FAULT: [FaultKind; 3] = [FaultKind::Panic, FaultKind::Stop, FaultKind::PanicInTimer];
 
-#[actix_rt::test]
-async fn the_command_router_comes_back_on_schedule_while_the_data_bus_serves() {
+/// Crash the router `which` picks on schedule while a pinger keeps the other
+/// bus (at `other_url`) busy: the other bus must not notice, and the crashed
+/// router (at `crashed_url`) must answer again.
+async fn a_router_comes_back_while_the_other_bus_serves(
+    name: &str,
+    which: fn(&BusHandle) -> &SupervisedRole<CommandRouter>,
+    crashed_url: fn(&Addresses) -> &str,
+    other_url: fn(&Addresses) -> &str,
+) {
     let addresses = TestAddresses::new();
     let bus = fast_bus(&addresses).await;
-    let pinger = Pinger::start(&addresses.addresses.data).await;
+    let pinger = Pinger::start(other_url(&addresses.addresses)).await;
 
-    crash_on_schedule(
-        "command router",
-        bus.command_router(),
-        &fast_policy(),
-        &EVERY_FAULT,
-    )
-    .await;
+    crash_on_schedule(name, which(&bus), &fast_policy(), &EVERY_FAULT).await;
 
     assert_undisturbed(
-        "data bus during command router crashes",
+        &format!("the other bus during {name} crashes"),
         &pinger.finish().await,
     );
-    let command = client(&addresses.addresses.command).await;
-    until_pong(&command, "the restarted command router").await;
+    let crashed = client(crashed_url(&addresses.addresses)).await;
+    until_pong(&crashed, &format!("the restarted {name}")).await;
     bus.shutdown().await;
 }
 
 #[actix_rt::test]
-async fn the_data_router_comes_back_on_schedule_while_the_command_bus_serves() {
-    let addresses = TestAddresses::new();
-    let bus = fast_bus(&addresses).await;
-    let pinger = Pinger::start(&addresses.addresses.command).await;
-
-    crash_on_schedule(
-        "data router",
-        bus.data_router(),
-        &fast_policy(),
-        &EVERY_FAULT,
+async fn the_command_router_comes_back_on_schedule_while_the_data_bus_serves() {
+    a_router_comes_back_while_the_other_bus_serves(
+        "command router",
+        BusHandle::command_router,
+        |a| &a.command,
+        |a| &a.data,
     )
     .await;
+}
 
-    assert_undisturbed(
-        "command bus during data router crashes",
-        &pinger.finish().await,
-    );
-    let data = client(&addresses.addresses.data).await;
-    until_pong(&data, "the restarted data router").await;
-    bus.shutdown().await;
+#[actix_rt::test]
+async fn the_data_router_comes_back_on_schedule_while_the_command_bus_serves() {
+    a_router_comes_back_while_the_other_bus_serves(
+        "data router",
+        BusHandle::data_router,
+        |a| &a.data,
+        |a| &a.command,
+    )
+    .await;
 }
 
 fn rep_edge(bus: &BusHandle, role: &str) -> SupervisedRole<EdgeActor<RepEdge>> {
@@ -310,31 +292,6 @@ async fn the_data_edge_comes_back_on_schedule_and_serves_while_the_command_bus_s
     );
     assert_eq!(edge.stats().restarts, 3, "{:?}", edge.stats());
     bus.shutdown().await;
-}
-
-/// Forwards every event it is given to a channel.
-struct Recorder {
-    events: mpsc::UnboundedSender<Arc<Event>>,
-}
-
-impl Actor for Recorder {
-    type Context = Context<Self>;
-}
-
-impl Handler<EventDelivery> for Recorder {
-    type Result = ();
-
-    fn handle(&mut self, delivery: EventDelivery, _: &mut Self::Context) {
-        let _ = self.events.send(delivery.event);
-    }
-}
-
-fn recorder() -> (
-    Recipient<EventDelivery>,
-    mpsc::UnboundedReceiver<Arc<Event>>,
-) {
-    let (events, received) = mpsc::unbounded_channel();
-    (Recorder { events }.start().recipient(), received)
 }
 
 /// Publish numbered `trade.signal` events tagged `round` until one comes

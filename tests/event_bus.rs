@@ -29,6 +29,8 @@ use nng::options::Options;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use common::recorder;
+
 /// The longest any single wait in these tests may take.
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -106,31 +108,6 @@ async fn collect_until<T>(
             return items;
         }
     }
-}
-
-/// Sends each delivered event to the test.
-struct Recorder {
-    events: mpsc::UnboundedSender<Arc<Event>>,
-}
-
-impl Actor for Recorder {
-    type Context = Context<Self>;
-}
-
-impl Handler<EventDelivery> for Recorder {
-    type Result = ();
-
-    fn handle(&mut self, delivery: EventDelivery, _: &mut Self::Context) {
-        let _ = self.events.send(delivery.event);
-    }
-}
-
-fn recorder() -> (
-    Recipient<EventDelivery>,
-    mpsc::UnboundedReceiver<Arc<Event>>,
-) {
-    let (events, received) = mpsc::unbounded_channel();
-    (Recorder { events }.start().recipient(), received)
 }
 
 /// The topics of a recorded batch, warm-up events left out.
@@ -370,13 +347,15 @@ fn is_stop(event: &Arc<Event>) -> bool {
     event.data.get("stop") == Some(&json!(true))
 }
 
-#[actix::test]
-async fn a_sub_edge_on_job_star_gets_job_events_and_nothing_from_jobs_archived() {
+/// Publish [`MIXED_BATCH`] and a stop event to a `SubEdge` on `job.*`, with
+/// or without NNG's prefix filter; assert that exactly the job events came
+/// through, and return the subscription for its counters.
+async fn job_star_through_a_sub_edge(prefix_filter: bool) -> SubEdge {
     let dir = tempfile::tempdir().unwrap();
     let url = event_url(&dir);
     let edge = Arc::new(PubEdge::listen(&url, &EdgeOptions::default()).unwrap());
     let (publisher, _) = start_publisher(Some(edge));
-    let (subscription, mut received) = sub_edge(&url, "job.*", true);
+    let (subscription, mut received) = sub_edge(&url, "job.*", prefix_filter);
     warm_up(&publisher, &mut received).await;
 
     for topic in MIXED_BATCH {
@@ -393,6 +372,12 @@ async fn a_sub_edge_on_job_star_gets_job_events_and_nothing_from_jobs_archived()
             topics::JOB_FAILED
         ]
     );
+    subscription
+}
+
+#[actix::test]
+async fn a_sub_edge_on_job_star_gets_job_events_and_nothing_from_jobs_archived() {
+    let subscription = job_star_through_a_sub_edge(true).await;
     // NNG's prefix kept the other topics off the socket altogether.
     let stats = subscription.stats();
     assert_eq!((stats.skipped, stats.dropped, stats.undecodable), (0, 0, 0));
@@ -402,27 +387,7 @@ async fn a_sub_edge_on_job_star_gets_job_events_and_nothing_from_jobs_archived()
 
 #[actix::test]
 async fn a_sub_edge_without_the_nng_prefix_still_filters_by_whole_segments() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = event_url(&dir);
-    let edge = Arc::new(PubEdge::listen(&url, &EdgeOptions::default()).unwrap());
-    let (publisher, _) = start_publisher(Some(edge));
-    let (subscription, mut received) = sub_edge(&url, "job.*", false);
-    warm_up(&publisher, &mut received).await;
-
-    for topic in MIXED_BATCH {
-        publish(&publisher, Event::new(topic, "test", json!({}))).await;
-    }
-    publish(&publisher, stop_event(topics::JOB_FAILED)).await;
-    let events = collect_until(&mut received, is_stop).await;
-
-    assert_eq!(
-        batch_topics(&events),
-        [
-            topics::JOB_CREATED,
-            topics::JOB_COMPLETED,
-            topics::JOB_FAILED
-        ]
-    );
+    let subscription = job_star_through_a_sub_edge(false).await;
     assert_eq!(subscription.stats().skipped, 5);
 }
 
@@ -430,24 +395,21 @@ async fn a_sub_edge_without_the_nng_prefix_still_filters_by_whole_segments() {
 async fn a_sub_edge_counts_and_skips_messages_that_are_not_events() {
     let dir = tempfile::tempdir().unwrap();
     let url = event_url(&dir);
-    let edge = PubEdge::listen(&url, &EdgeOptions::default()).unwrap();
+    let edge = Arc::new(PubEdge::listen(&url, &EdgeOptions::default()).unwrap());
+    let (publisher, _) = start_publisher(Some(edge.clone()));
     let (subscription, mut received) = sub_edge(&url, "*", true);
+    // Connected first: a subscriber that joined halfway through the junk
+    // would see only part of it.
+    warm_up(&publisher, &mut received).await;
 
     // Raw bodies straight onto the socket: junk first, then an event.
-    let deadline = Instant::now() + DEADLINE;
-    let event = Event::new(topics::HEALTH_CHECK, "test", json!({"stop": true}));
-    loop {
-        for junk in [&b"not json"[..], br#"{"event_type":"x","extra":1}"#, b"[1]"] {
-            edge.send(junk).unwrap();
-        }
-        edge.send(&event.encode()).unwrap();
-        let wait = tokio::time::timeout(Duration::from_millis(20), received.recv());
-        if let Ok(Some(first)) = wait.await {
-            assert_eq!(first.event_type, topics::HEALTH_CHECK);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no event within {DEADLINE:?}");
+    for junk in [&b"not json"[..], br#"{"event_type":"x","extra":1}"#, b"[1]"] {
+        edge.send(junk).unwrap();
     }
+    let event = Event::new(topics::HEALTH_CHECK, "test", json!({"stop": true}));
+    edge.send(&event.encode()).unwrap();
+    let stop = collect_until(&mut received, is_stop).await.pop().unwrap();
+    assert_eq!(stop.event_type, topics::HEALTH_CHECK);
     let stats = subscription.stats();
     assert!(stats.undecodable >= 3, "{stats:?}");
     assert_eq!(stats.undecodable % 3, 0, "{stats:?}");

@@ -86,9 +86,19 @@ fn settings() -> DispatcherSettings {
 }
 
 fn harness(settings: DispatcherSettings) -> Harness {
+    start_harness(settings, None, None)
+}
+
+/// A dispatcher recording its events, with a dead letter store at
+/// `dead_letter_path` (in memory for `None`) and an optional PUSH edge.
+fn start_harness(
+    settings: DispatcherSettings,
+    dead_letter_path: Option<std::path::PathBuf>,
+    push: Option<Arc<PushEdge>>,
+) -> Harness {
     let (sender, events) = mpsc::unbounded_channel();
     let recorder = Recorder(sender).start();
-    let dead_letters = DeadLetterActor::open(None, DeadLetterLimits::default())
+    let dead_letters = DeadLetterActor::open(dead_letter_path, DeadLetterLimits::default())
         .unwrap()
         .start();
     let state = QueueState::new();
@@ -97,7 +107,7 @@ fn harness(settings: DispatcherSettings) -> Harness {
         state.clone(),
         EventSink::to(recorder.recipient()),
         dead_letters.clone().recipient(),
-        None,
+        push,
     )
     .start();
     Harness {
@@ -848,20 +858,8 @@ fn socket_bus(
     push: Option<Arc<PushEdge>>,
     dir: common::TestAddresses,
 ) -> SocketBus {
-    let (sender, events) = mpsc::unbounded_channel();
-    let recorder = Recorder(sender).start();
-    let dead_letters = DeadLetterActor::open(dead_letter_path, DeadLetterLimits::default())
-        .unwrap()
-        .start();
-    let state = QueueState::new();
-    let dispatcher = QueueDispatcher::new(
-        settings,
-        state.clone(),
-        EventSink::to(recorder.recipient()),
-        dead_letters.clone().recipient(),
-        push,
-    )
-    .start();
+    let inner = start_harness(settings, dead_letter_path, push);
+    let (dispatcher, dead_letters) = (&inner.dispatcher, &inner.dead_letters);
     dead_letters.do_send(SetReplayTarget {
         target: dispatcher.clone().recipient(),
     });
@@ -877,13 +875,6 @@ fn socket_bus(
     let sink: InboundSink = Arc::new(move |inbound| router.do_send(inbound));
     let addresses = dir.addresses.clone();
     let edge = RepEdge::listen(&addresses.command, &EdgeOptions::default(), 32, sink).unwrap();
-    let inner = Harness {
-        dispatcher,
-        dead_letters,
-        events,
-        state,
-        runs: Arc::default(),
-    };
     SocketBus {
         _dir: dir,
         addresses,

@@ -4,6 +4,8 @@
 //! No sockets here: the roles are small test actors. Every wait is on a
 //! channel or on the supervisor's own state, bounded by a deadline.
 
+mod common;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,31 +23,15 @@ use dgbit_bus::wire::Event;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use common::fast_policy;
+
 /// Longest any single wait in these tests may take.
 const DEADLINE: Duration = Duration::from_secs(5);
 /// How late a restart may be beyond its drawn delay on a busy machine.
 const LATENESS: Duration = Duration::from_millis(250);
 
 async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(DEADLINE, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
-    }
-}
-
-/// A fast schedule: 50, 100, 200, 400, 400 ... ms, ±10 %.
-fn fast_policy() -> BackoffPolicy {
-    BackoffPolicy {
-        base: Duration::from_millis(50),
-        factor: 2.0,
-        cap: Duration::from_millis(400),
-        jitter: 0.1,
-        reset_after: Duration::from_secs(60),
-        budget: RestartBudget {
-            max_restarts: 10,
-            window: Duration::from_secs(60),
-        },
-    }
+    common::within(DEADLINE, what, future).await
 }
 
 /// Which instance of a role answered, and on which thread.

@@ -1,12 +1,70 @@
 //! Shared test support: fresh addresses, a `dgbit-bus serve` child process,
-//! Python peers, and waiting with a deadline instead of sleeping.
+//! Python peers, a fast restart policy, an event recorder, and waiting with
+//! a deadline instead of sleeping.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::prelude::*;
+use dgbit_bus::backoff::{BackoffPolicy, RestartBudget};
 use dgbit_bus::config::Addresses;
+use dgbit_bus::message::EventDelivery;
+use dgbit_bus::wire::Event;
+use tokio::sync::mpsc;
+
+/// Await `future`, or panic naming `what` once `limit` has passed.
+pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// A fast restart schedule for tests: 50, 100, 200, 400, 400 ... ms, ±10 %,
+/// ten restarts a minute.
+pub fn fast_policy() -> BackoffPolicy {
+    BackoffPolicy {
+        base: Duration::from_millis(50),
+        factor: 2.0,
+        cap: Duration::from_millis(400),
+        jitter: 0.1,
+        reset_after: Duration::from_secs(60),
+        budget: RestartBudget {
+            max_restarts: 10,
+            window: Duration::from_secs(60),
+        },
+    }
+}
+
+/// Forwards every event delivered to it to a channel.
+pub struct EventRecorder {
+    events: mpsc::UnboundedSender<Arc<Event>>,
+}
+
+impl Actor for EventRecorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<EventDelivery> for EventRecorder {
+    type Result = ();
+
+    fn handle(&mut self, delivery: EventDelivery, _: &mut Self::Context) {
+        let _ = self.events.send(delivery.event);
+    }
+}
+
+/// A started [`EventRecorder`] and the channel it forwards to.
+pub fn recorder() -> (
+    Recipient<EventDelivery>,
+    mpsc::UnboundedReceiver<Arc<Event>>,
+) {
+    let (events, received) = mpsc::unbounded_channel();
+    (EventRecorder { events }.start().recipient(), received)
+}
 
 /// Four ipc addresses in a fresh temp dir, removed when dropped.
 pub struct TestAddresses {
