@@ -4,7 +4,7 @@
 //! `{"echo": <the payload>}` (for checking a peer's framing and sizes). `status` answers the
 //! bus's identity, uptime and the counters of every role, each asked with a
 //! [`StatsQuery`]; a role that does not answer within a second shows as
-//! `{"error": "no answer"}` rather than holding up the reply.
+//! `{"error": "no answer: <why>"}` instead of its counters.
 //!
 //! Given an event sink, the same report is published as `system.health`
 //! every health interval.

@@ -462,15 +462,7 @@ impl RoleSet {
         events: &EventSink,
         dead_letters: &Recipient<Bury>,
     ) -> RouterRole {
-        let settings = RouterSettings {
-            role,
-            default_command: config.default_command.clone(),
-            max_message_size: config.max_message_size,
-            handler_timeout: config.handler_timeout,
-            max_in_flight: config.max_commands_in_flight,
-            dedup_capacity: config.dedup_capacity,
-            dedup_ttl: config.dedup_ttl,
-        };
+        let settings = RouterSettings::from_config(config, role);
         let core = Arc::new(RouterCore::new(settings, routes.clone()));
         let (for_factory, dead_letters) = (core.clone(), dead_letters.clone());
         let factory = move || {
@@ -709,10 +701,11 @@ struct RouterRole {
 
 /// Opens the REP edge of `url`, feeding `router`.
 ///
-/// Requests are decoded and routed on the NNG thread that received them:
-/// an inline handler runs right there, and only a call to an actor handler
-/// goes to the router actor. A body that does not decode goes to the actor
-/// too, which dead-letters it. What the actor cannot take while it restarts
+/// Requests are decoded on the NNG thread that received them. One for an
+/// inline handler is routed and run right there; any other goes to the
+/// router actor as [`Decoded`] and is routed on its thread, where the actor
+/// handler's call runs anyway. A body that does not decode goes to the
+/// actor too, which dead-letters it. What the actor cannot take while it restarts
 /// is answered `overloaded` at once; once it is given up or shut down, or
 /// `stopping` is set, `shutting_down`.
 fn rep_opener(
@@ -839,7 +832,7 @@ impl BusHandle {
     }
 
     /// The supervised handle of the edge role `role` (`command-edge`,
-    /// `data-edge`, `event-edge`) whose edge type is `E`, for its stats and,
+    /// `data-edge`, `event-edge`, `queue-edge`) whose edge type is `E`, for its stats and,
     /// in tests, for injecting faults; `None` when that edge is not
     /// configured or has another type.
     pub fn edge_role<E>(&self, role: &str) -> Option<SupervisedRole<EdgeActor<E>>>

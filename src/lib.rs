@@ -15,18 +15,19 @@
 //! - [`bus`]: starts the roles and edges and hands back a [`bus::BusHandle`].
 //! - [`client`]: `BusClient`, the Rust counterpart of dgbit's `NNGClient`;
 //!   [`worker`]: `JobWorker`, a remote worker process.
-//! - [`builtin`]: the bus's own commands (`ping`, `status`, `bus.*`).
+//! - [`builtin`]: the bus's own commands (`ping`, `echo`, `status`); the
+//!   `bus.*` commands belong to the roles that serve them.
 //! - [`cli`]: the `dgbit-bus` binary's subcommands.
 //!
 //! # The life of one command
 //!
 //! A REQ peer sends bytes to the command address. The [`edge::rep`] edge
-//! receives them on one of its NNG contexts, decodes them
-//! ([`wire::CommandRequest::decode`]) on that NNG thread, and hands them,
-//! with a reply slot, to the router's [`router::RouterCore`], which
-//! suppresses duplicates and looks up the handler. An inline handler runs
-//! right there; for an actor handler the call goes to the
-//! [`router::CommandRouter`], which sends a typed [`message::Command`] to
+//! receives them on one of its NNG contexts and decodes them
+//! ([`wire::CommandRequest::decode`]) on that NNG thread. A request for an
+//! inline handler is handed, with its reply slot, to the router's
+//! [`router::RouterCore`] right there, which suppresses duplicates and runs
+//! the handler. Any other goes to the [`router::CommandRouter`] actor, which
+//! routes it through the same core, sends a typed [`message::Command`] to
 //! the handler actor and awaits it as a future of its own. The handler's
 //! `Result` becomes a [`wire::CommandReply`], written into the reply slot;
 //! the edge sends it on the same context and re-arms it for the next

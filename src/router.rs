@@ -2,12 +2,12 @@
 //! instance, the data bus) to the handler registered for each command.
 //!
 //! The routing itself lives in a [`RouterCore`] shared by every thread that
-//! takes requests, so that a request is routed where it arrives: the REP
-//! edge's sink decodes and routes on the NNG thread that received it, and
-//! [`RouterCore::request`] routes an in-process request in its caller. An
-//! inline handler then runs right there; a call to an actor handler goes to
-//! this actor as a [`RunCall`] and runs as a future of its own on the
-//! router's context, so one slow handler never delays another command.
+//! takes requests. The REP edge's sink decodes each request on the NNG
+//! thread that received it; a request for an inline handler is routed and
+//! run right there, any other comes to this actor as [`Decoded`], is routed
+//! here and its handler call runs as a future of its own on the router's
+//! context, so one slow handler never delays another command.
+//! [`RouterCore::request`] routes an in-process request in its caller.
 //! Every request gets exactly one reply.
 //!
 //! The actor also takes raw [`Inbound`] bodies (decoding them itself) and
@@ -47,18 +47,24 @@ pub struct RouterSettings {
     pub dedup_ttl: Duration,
 }
 
-impl Default for RouterSettings {
-    fn default() -> Self {
-        let config = crate::config::BusConfig::default();
+impl RouterSettings {
+    /// The settings of the router `role` of a bus configured by `config`.
+    pub fn from_config(config: &crate::config::BusConfig, role: &'static str) -> Self {
         Self {
-            role: "command",
-            default_command: config.default_command,
+            role,
+            default_command: config.default_command.clone(),
             max_message_size: config.max_message_size,
             handler_timeout: config.handler_timeout,
             max_in_flight: config.max_commands_in_flight,
             dedup_capacity: config.dedup_capacity,
             dedup_ttl: config.dedup_ttl,
         }
+    }
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        Self::from_config(&crate::config::BusConfig::default(), "command")
     }
 }
 
@@ -88,20 +94,6 @@ impl Decoded {
         self.reply.send(&reply.encode());
     }
 }
-
-/// Stop taking new requests (they get `shutting_down`), except for the
-/// commands in `still_served` (a draining job queue still needs workers'
-/// reports); answers with the number still running.
-#[derive(Debug, Default, Message)]
-#[rtype(result = "usize")]
-pub struct StopIntake {
-    pub still_served: Vec<String>,
-}
-
-/// How many commands are running now.
-#[derive(Debug, Message)]
-#[rtype(result = "usize")]
-pub struct InFlight;
 
 /// Unparseable requests sent to the dead letter store and not yet stored.
 /// Past this many, more are answered but not kept (and counted): the store
@@ -244,22 +236,6 @@ impl Handler<Dispatch> for CommandRouter {
                 CommandReply::error(echo, code::SHUTTING_DOWN, "the router stopped")
             })
         })
-    }
-}
-
-impl Handler<StopIntake> for CommandRouter {
-    type Result = usize;
-
-    fn handle(&mut self, stop: StopIntake, _ctx: &mut Self::Context) -> usize {
-        self.core.stop_intake(stop.still_served)
-    }
-}
-
-impl Handler<InFlight> for CommandRouter {
-    type Result = usize;
-
-    fn handle(&mut self, _: InFlight, _ctx: &mut Self::Context) -> usize {
-        self.core.in_flight()
     }
 }
 

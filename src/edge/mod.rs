@@ -66,9 +66,9 @@ impl Default for EdgeOptions {
 
 /// The size past which NNG drops a message before the bus sees it.
 ///
-/// Twice the logical limit: a body between the two gets a `too_large` reply or
-/// dead letter naming its size, so a peer learns why; only a body beyond this
-/// costs the peer its connection.
+/// Twice the logical limit: a body between the two gets a `too_large` reply
+/// naming its size, so a peer learns why; only a body beyond this costs the
+/// peer its connection.
 pub fn hard_receive_limit(max_message_size: usize) -> usize {
     max_message_size.saturating_mul(2).max(64 * 1024)
 }

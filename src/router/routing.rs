@@ -4,11 +4,11 @@
 //! The core decides each request's fate (answer at once, park behind its
 //! first copy, or run a handler) under one short lock, and never runs user
 //! code under it. It is shared, not owned by the router actor, so that a
-//! request can be routed where it arrives: on the NNG thread that received
-//! it, or in the caller of [`RouterCore::request`]. Only a call to an actor
-//! handler then crosses to another thread, and an inline handler crosses to
-//! none. Because the core outlives the router actor, a router restart keeps
-//! the duplicate cache and the counters.
+//! request for an inline handler can be routed and run on the NNG thread
+//! that received it, and an in-process request in the caller of
+//! [`RouterCore::request`]: neither crosses to another thread. Because the
+//! core outlives the router actor, a router restart keeps the duplicate
+//! cache and the counters.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -45,15 +45,7 @@ impl ReplyTo {
 
     /// Send `reply`, whose encoding is `encoded` when that is at hand (an
     /// edge then sends those bytes as they are).
-    fn send_encoded(self, reply: &CommandReply, encoded: Option<&[u8]>) {
-        match (self, encoded) {
-            (ReplyTo::Edge(slot), Some(bytes)) => slot.send(bytes),
-            (reply_to, _) => reply_to.send(reply.clone()),
-        }
-    }
-
-    /// As [`ReplyTo::send_encoded`], for the last recipient of `reply`.
-    fn send_encoded_owned(self, reply: CommandReply, encoded: Option<&[u8]>) {
+    fn send_encoded(self, reply: CommandReply, encoded: Option<&[u8]>) {
         match (self, encoded) {
             (ReplyTo::Edge(slot), Some(bytes)) => slot.send(bytes),
             (reply_to, _) => reply_to.send(reply),
@@ -95,7 +87,7 @@ struct CoreState {
 
 /// What the lock-holding part of [`RouterCore::accept`] decided.
 enum Decision {
-    /// Answer now: an error, or a duplicate's cached reply.
+    /// Answer now with an error.
     Answer(ReplyTo, CommandReply),
     /// A duplicate of a finished request: answer with the cached reply.
     Cached(ReplyTo, CachedReply),
@@ -377,11 +369,6 @@ pub struct Call {
 }
 
 impl Call {
-    /// Whether the handler runs on the calling thread.
-    pub fn is_inline(&self) -> bool {
-        matches!(self.target, Some(Target::Inline(_)))
-    }
-
     /// Run the handler and send its reply. An actor handler's call ends at
     /// the handler timeout.
     pub async fn run(mut self) {
@@ -455,15 +442,15 @@ impl Call {
         let Some(reply_to) = self.reply_to.take() else {
             return;
         };
-        // Encoded once, outside the lock: for the cache, the duplicates
-        // parked behind this call, and an edge's reply.
+        // A reply kept for later duplicates is encoded once, outside the
+        // lock, and those bytes also go to every edge waiting now.
         let remember = cache && self.key.is_some() && self.core.settings.dedup_capacity > 0;
         let cached: Option<CachedReply> = remember.then(|| reply.encode().into());
         let waiters = self.core.close(self.key.as_deref(), &reply, cached.clone());
         for waiter in waiters {
-            waiter.send_encoded(&reply, cached.as_deref());
+            waiter.send_encoded(reply.clone(), cached.as_deref());
         }
-        reply_to.send_encoded_owned(reply, cached.as_deref());
+        reply_to.send_encoded(reply, cached.as_deref());
     }
 }
 
