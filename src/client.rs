@@ -1,7 +1,7 @@
 //! `BusClient`: the Rust counterpart of dgbit's Python `NNGClient`.
 //!
 //! One REQ socket. A request goes on the socket itself while no other
-//! request of the client is in flight (the fast path, see [`direct`]), and
+//! request of the client is in flight (the fast path, see `client/direct.rs`), and
 //! on an NNG context of its own otherwise, so requests from many tasks run
 //! at once. A request that timed out leaves nothing behind: NNG drops the
 //! late reply. The next request on the same client works as usual.

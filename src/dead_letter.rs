@@ -61,7 +61,7 @@ use serde_json::{json, Map, Value};
 use tracing::{debug, error, warn};
 
 use crate::dispatcher::Enqueue;
-use crate::message::{Command, HandlerError, StatsQuery};
+use crate::message::{optional_u64, Command, HandlerError, StatsQuery};
 use crate::wire::{code, now_rfc3339, JobMessage};
 
 /// The command names the dead letter actor serves; the bus routes each of
@@ -737,13 +737,7 @@ fn page_arg(
     key: &str,
     default: usize,
 ) -> Result<usize, HandlerError> {
-    match payload.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(value) => value
-            .as_u64()
-            .map(|n| n as usize)
-            .ok_or_else(|| HandlerError::bad_request(format!("`{key}` must be a whole number"))),
-    }
+    Ok(optional_u64(payload, key)?.map_or(default, |n| n as usize))
 }
 
 /// The target of `show`, `replay` and `purge`: one id, or all.

@@ -100,8 +100,10 @@
 //!   default 0): `{"job": <7-key job>, "lease_ms", "lease_id"}` or
 //!   `{"job": null}`.
 //! - `bus.report` `{"worker", "job_id", "lease_id"?, "state", "result"?,
-//!   "error"?, "progress"?}`: `{"accepted": true}` or `{"accepted": false,
-//!   "reason"}`.
+//!   "error"?, "progress"?, "next"?}`: `{"accepted": true}` or
+//!   `{"accepted": false, "reason"}`; with `"next": {"job_types"?}` on a
+//!   `completed` or `failed` report, also `"next"`: a `bus.lease` reply,
+//!   answered at once.
 //! - `bus.cancel` `{"job_id"}`: `{"cancelled": true, "job_id"}`, or the
 //!   error codes `not_found` and `in_flight`.
 //! - `bus.jobs` `{}`: the stats (as [`StatsQuery`]).
@@ -115,9 +117,9 @@
 //!
 //! # Restarts
 //!
-//! A supervisor's factory builds each instance from clones:
-//! `move || QueueDispatcher::new(settings.clone(), state.clone(),
-//! events.clone(), dead_letters.clone(), push.clone())`.
+//! A supervisor's factory builds each instance from clones (the bus uses
+//! [`QueueDispatcher::with_push_slot`], which takes the PUSH edge's slot
+//! instead of an edge).
 //!
 //! Everything that must outlive the actor (jobs, leases, waiting lease
 //! requests, in-process workers, counters) lives in [`QueueState`], which

@@ -63,6 +63,25 @@ impl HandlerError {
     }
 }
 
+/// The optional whole-number field `key` of a command's payload: `None`
+/// when it is missing or null.
+///
+/// # Errors
+///
+/// `bad_request` ("`key` must be a whole number") for any other value.
+pub fn optional_u64(
+    payload: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<u64>, HandlerError> {
+    match payload.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| HandlerError::bad_request(format!("`{key}` must be a whole number"))),
+    }
+}
+
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.code, self.message)

@@ -98,7 +98,7 @@ use crate::wire::Event;
 pub use actix as __actix;
 
 /// The topic crashes and give-ups are published on.
-pub const ALERT_TOPIC: &str = "system.alert";
+pub const ALERT_TOPIC: &str = crate::topics::SYSTEM_ALERT;
 /// How long a role may take to stop after [`SupervisedRole::shutdown`]
 /// before its task is aborted, unless [`SupervisorOptions::stop_timeout`]
 /// says otherwise.

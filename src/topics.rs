@@ -25,15 +25,17 @@ use std::str::FromStr;
 
 /// A job was accepted by the bus.
 pub const JOB_CREATED: &str = "job.created";
-/// A job entered the queue.
+/// A job entered the queue, or re-entered it (a retry, a lost lease).
 pub const JOB_QUEUED: &str = "job.queued";
-/// A worker started a job.
+/// The bus handed a job to a worker (a lease, a push or an in-process
+/// handler).
 pub const JOB_STARTED: &str = "job.started";
 /// A worker reported progress on a job.
 pub const JOB_PROGRESS: &str = "job.progress";
 /// A job finished successfully.
 pub const JOB_COMPLETED: &str = "job.completed";
-/// A job failed (after its retries, or for good).
+/// An attempt at a job failed (it is retried, or dead-lettered after its
+/// last retry).
 pub const JOB_FAILED: &str = "job.failed";
 /// A job was cancelled.
 pub const JOB_CANCELLED: &str = "job.cancelled";

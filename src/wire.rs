@@ -145,6 +145,14 @@ pub enum Priority {
     Urgent,
 }
 
+impl Priority {
+    /// The priority a JSON value names (0, 1 or 2), if it names one.
+    pub fn from_json(value: &Value) -> Option<Priority> {
+        let number = u8::try_from(value.as_u64()?).ok()?;
+        Priority::try_from(number).ok()
+    }
+}
+
 impl TryFrom<u8> for Priority {
     type Error = String;
 
@@ -217,10 +225,7 @@ impl CommandRequest {
         };
         let priority = match map.remove("priority") {
             None | Some(Value::Null) => Priority::Normal,
-            Some(value) => value
-                .as_u64()
-                .and_then(|n| u8::try_from(n).ok())
-                .and_then(|n| Priority::try_from(n).ok())
+            Some(value) => Priority::from_json(&value)
                 .ok_or_else(|| WireError::bad_request("field `priority` must be 0, 1 or 2"))?,
         };
         Ok(Self {

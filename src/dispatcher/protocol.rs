@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::queue::{Grant, LeaseRequest, Report, ReportOutcome, ReportState};
-use crate::message::HandlerError;
+use crate::message::{optional_u64, HandlerError};
 use crate::wire::{JobMessage, Priority, DEFAULT_MAX_RETRIES};
 
 /// The job of a `bus.enqueue` payload: a whole 7-key job when the payload
@@ -29,18 +29,13 @@ pub fn enqueue_job(payload: Map<String, Value>) -> Result<JobMessage, HandlerErr
     };
     let priority = match payload.get("priority") {
         None | Some(Value::Null) => Priority::Normal,
-        Some(value) => value
-            .as_u64()
-            .and_then(|n| u8::try_from(n).ok())
-            .and_then(|n| Priority::try_from(n).ok())
+        Some(value) => Priority::from_json(value)
             .ok_or_else(|| HandlerError::bad_request("`priority` must be 0, 1 or 2"))?,
     };
-    let max_retries = match payload.get("max_retries") {
-        None | Some(Value::Null) => DEFAULT_MAX_RETRIES,
-        Some(value) => value
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| HandlerError::bad_request("`max_retries` must be a whole number"))?,
+    let max_retries = match optional_u64(&payload, "max_retries")? {
+        None => DEFAULT_MAX_RETRIES,
+        Some(n) => u32::try_from(n)
+            .map_err(|_| HandlerError::bad_request("`max_retries` must be a whole number"))?,
     };
     Ok(JobMessage::new(job_type, body)
         .with_priority(priority)
@@ -68,13 +63,7 @@ pub fn lease_request(
         ),
         Some(_) => return Err(HandlerError::bad_request("`job_types` must be a list")),
     };
-    let wait = match payload.get("wait_ms") {
-        None | Some(Value::Null) => Duration::ZERO,
-        Some(value) => value
-            .as_u64()
-            .map(Duration::from_millis)
-            .ok_or_else(|| HandlerError::bad_request("`wait_ms` must be a whole number"))?,
-    };
+    let wait = Duration::from_millis(optional_u64(payload, "wait_ms")?.unwrap_or(0));
     Ok(LeaseRequest {
         worker,
         job_types,
@@ -100,14 +89,7 @@ pub fn lease_reply(grant: Option<Grant>) -> Value {
 pub fn report(payload: &Map<String, Value>) -> Result<Report, HandlerError> {
     let worker = required_str(payload, "worker")?;
     let job_id = required_str(payload, "job_id")?;
-    let lease_id = match payload.get("lease_id") {
-        None | Some(Value::Null) => None,
-        Some(value) => Some(
-            value
-                .as_u64()
-                .ok_or_else(|| HandlerError::bad_request("`lease_id` must be a whole number"))?,
-        ),
-    };
+    let lease_id = optional_u64(payload, "lease_id")?;
     let field = |key: &str| payload.get(key).cloned().unwrap_or(Value::Null);
     let state = match required_str(payload, "state")?.as_str() {
         "started" => ReportState::Started,

@@ -22,7 +22,7 @@
 //!   matching job at once.
 //! - Operations change state only; [`JobQueue::pump`] then hands waiting
 //!   jobs out. The caller runs it after every operation (the dispatcher's
-//!   `QueueState` does), so the "no waiting job matches a waiter" invariant
+//!   `apply` does), so the "no waiting job matches a waiter" invariant
 //!   holds between operations.
 //! - A job leaves the queue when it completes, is cancelled while waiting,
 //!   is dead-lettered, or is handed off at most once to a PULL peer.
@@ -37,6 +37,7 @@ use tokio::sync::oneshot;
 
 use crate::dead_letter::DeadLetter;
 use crate::message::{HandlerError, RunJob};
+use crate::topics;
 use crate::wire::{code, now_rfc3339, JobMessage};
 
 /// The `code` of an error reply to cancelling a job that is in flight.
@@ -435,7 +436,7 @@ impl JobQueue {
         self.next_seq += 1;
         self.counters.enqueued += 1;
         self.publish(
-            "job.created",
+            topics::JOB_CREATED,
             json!({"job_id": job.job_id, "job_type": job.job_type,
                    "priority": u8::from(job.priority), "created_at": job.created_at}),
         );
@@ -542,7 +543,7 @@ impl JobQueue {
         match report.state {
             ReportState::Started | ReportState::Heartbeat => {}
             ReportState::Progress(progress) => self.publish(
-                "job.progress",
+                topics::JOB_PROGRESS,
                 json!({"job_id": report.job_id, "job_type": job_type,
                        "worker": report.worker, "progress": progress}),
             ),
@@ -628,7 +629,7 @@ impl JobQueue {
         let entry = self.take_waiting(job_id).expect("checked above");
         self.counters.cancelled += 1;
         self.publish(
-            "job.cancelled",
+            topics::JOB_CANCELLED,
             json!({"job_id": entry.job.job_id, "job_type": entry.job.job_type}),
         );
         Ok(())
@@ -657,7 +658,7 @@ impl JobQueue {
         record.leased += 1;
         record.seen(now);
         self.publish(
-            "job.started",
+            topics::JOB_STARTED,
             json!({"job_id": entry.job.job_id, "job_type": entry.job.job_type,
                    "worker": PUSH_WORKER, "delivery": "at_most_once",
                    "retry_count": entry.job.retry_count}),
@@ -821,7 +822,7 @@ impl JobQueue {
         }
         self.counters.completed += 1;
         self.publish(
-            "job.completed",
+            topics::JOB_COMPLETED,
             json!({"job_id": entry.job.job_id, "job_type": entry.job.job_type,
                    "worker": worker, "retry_count": entry.job.retry_count, "result": result}),
         );
@@ -866,7 +867,7 @@ impl JobQueue {
                 0
             };
             self.publish(
-                "job.failed",
+                topics::JOB_FAILED,
                 json!({"job_id": entry.job.job_id, "job_type": entry.job.job_type,
                        "worker": worker, "error": error, "retry_count": entry.job.retry_count,
                        "will_retry": will_retry, "retry_in_ms": retry_in_ms}),
@@ -999,7 +1000,7 @@ impl JobQueue {
             self.backlog_raised = true;
             tracing::warn!(depth, threshold, "job backlog over the alert threshold");
             self.publish(
-                "system.alert",
+                topics::SYSTEM_ALERT,
                 json!({"alert": "job_backlog", "active": true, "level": "warning",
                        "queue_depth": depth, "threshold": threshold,
                        "message": format!("job queue depth {depth} is over {threshold}")}),
@@ -1008,7 +1009,7 @@ impl JobQueue {
             self.backlog_raised = false;
             tracing::info!(depth, threshold, "job backlog cleared");
             self.publish(
-                "system.alert",
+                topics::SYSTEM_ALERT,
                 json!({"alert": "job_backlog", "active": false, "level": "info",
                        "queue_depth": depth, "threshold": threshold,
                        "message": format!("job queue depth {depth} is back under {threshold}")}),
@@ -1094,7 +1095,7 @@ impl JobQueue {
         record.leased += 1;
         record.seen(now);
         self.publish(
-            "job.started",
+            topics::JOB_STARTED,
             json!({"job_id": entry.job.job_id, "job_type": entry.job.job_type,
                    "worker": worker, "delivery": delivery.as_str(),
                    "retry_count": entry.job.retry_count, "lease_ms": lease_ms}),
@@ -1201,7 +1202,7 @@ impl JobQueue {
                           "priority": u8::from(entry.job.priority),
                           "retry_count": entry.job.retry_count,
                           "reason": reason, "queue_depth": self.depth()});
-        self.publish("job.queued", data);
+        self.publish(topics::JOB_QUEUED, data);
     }
 
     fn insert_ready(&mut self, job_id: &str) {
