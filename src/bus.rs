@@ -162,12 +162,8 @@ impl BusBuilder {
             .push(Box::new(move |roles: &mut RoleSet, events: &EventSink| {
                 let options = SupervisorOptions::new().alerts(events.clone());
                 let role = supervise(name, roles.policy.clone(), factory, options);
-                let watched = role.clone();
-                roles
-                    .handler_health
-                    .add(name, Box::new(move || watched.health()));
-                let resolver = move || role.addr().map(Addr::recipient);
-                routes.register_resolver(name, Arc::new(resolver));
+                roles.handler_health.add(name, health_probe(&role));
+                register_role_commands(&routes, &[name], &role);
             }));
         self
     }
@@ -226,12 +222,7 @@ impl BusBuilder {
         // The publisher comes first: every other role reports through it.
         let registry = SubscriberRegistry::new();
         let (publisher, events, event_slot) = roles.publisher(&config, &options, &registry);
-        let publish_resolver = {
-            let publisher = publisher.clone();
-            move || publisher.addr().map(Addr::recipient)
-        };
-        self.command_routes
-            .register_resolver(PUBLISH_COMMAND, Arc::new(publish_resolver));
+        register_role_commands(&self.command_routes, &[PUBLISH_COMMAND], &publisher);
 
         let dead_letters = roles.dead_letters(&config, &events)?;
         let burials = bury_forwarder(&dead_letters);
@@ -357,8 +348,7 @@ impl RoleSet {
         F: Fn() -> A + Send + 'static,
     {
         let supervised = supervise(role, self.policy.clone(), factory, self.options(events));
-        let watched = supervised.clone();
-        self.health.push((role, Box::new(move || watched.health())));
+        self.health.push((role, health_probe(&supervised)));
         supervised
     }
 
@@ -499,12 +489,16 @@ impl RoleSet {
         let for_actor = slot.clone();
         let factory = move || EdgeActor::new(role, opener.clone(), for_actor.clone());
         let supervised = self.supervise(role, factory, events);
-        let watched = supervised.clone();
-        self.edge_health
-            .add(role, Box::new(move || watched.health()));
+        self.edge_health.add(role, health_probe(&supervised));
         self.edge_roles.push((role, Box::new(supervised)));
         slot
     }
+}
+
+/// Reads `role`'s supervision counters.
+fn health_probe<A: Actor<Context = Context<A>>>(role: &SupervisedRole<A>) -> HealthProbe {
+    let role = role.clone();
+    Box::new(move || role.health())
 }
 
 /// Route each of `names` to whichever instance of `role` is live.
@@ -565,15 +559,25 @@ impl Handler<Enqueue> for RoleForwarder<QueueDispatcher> {
 
     fn handle(&mut self, enqueue: Enqueue, _ctx: &mut Self::Context) -> Self::Result {
         let role = self.role.clone();
-        Box::pin(async move {
-            role.send(enqueue).await.unwrap_or_else(|refused| {
-                Err(HandlerError::new(
-                    code::OVERLOADED,
-                    format!("job queue not running: {refused}"),
-                ))
-            })
-        })
+        Box::pin(async move { enqueue_on(&role, enqueue.job).await })
     }
+}
+
+/// Put `job` on the live dispatcher's queue; `overloaded` while it is not
+/// running.
+async fn enqueue_on(
+    dispatcher: &SupervisedRole<QueueDispatcher>,
+    job: JobMessage,
+) -> Result<String, HandlerError> {
+    dispatcher
+        .send(Enqueue { job })
+        .await
+        .unwrap_or_else(|refused| {
+            Err(HandlerError::new(
+                code::OVERLOADED,
+                format!("job queue not running: {refused}"),
+            ))
+        })
 }
 
 /// A sink that hands events to the live publisher; events offered while it
@@ -861,15 +865,7 @@ impl BusHandle {
     /// `overloaded` when the queue is full or the dispatcher is restarting,
     /// `shutting_down` after shutdown began, `bad_request` for a bad job.
     pub async fn enqueue(&self, job: JobMessage) -> Result<String, HandlerError> {
-        self.dispatcher
-            .send(Enqueue { job })
-            .await
-            .unwrap_or_else(|refused| {
-                Err(HandlerError::new(
-                    code::OVERLOADED,
-                    format!("job queue not running: {refused}"),
-                ))
-            })
+        enqueue_on(&self.dispatcher, job).await
     }
 
     /// Run jobs of `job_type` in-process on `worker`; the reply is the
