@@ -464,14 +464,19 @@ impl QueueDispatcher {
         let state = self.state.clone();
         actix::spawn(async move {
             let copy = entry.clone();
-            let failure = match target.send(Bury { entry }).await {
-                Ok(Ok(())) => return,
-                Ok(Err(err)) => err.to_string(),
-                Err(err) => err.to_string(),
-            };
-            state.lock().note_dead_letter_failure();
-            error!(entry = %copy.to_value(), error = failure, "dead letter lost: the store refused it");
+            if let Err(failure) = send_letter(&target, entry).await {
+                state.lock().note_dead_letter_failure();
+                error!(entry = %copy.to_value(), error = failure, "dead letter lost: the store refused it");
+            }
         });
+    }
+
+    /// The outcomes of the PUSH edge's finished sends, if it is open.
+    fn take_push_outcomes(&self) -> Vec<PushOutcome> {
+        self.push
+            .get()
+            .map(|edge| edge.take_outcomes())
+            .unwrap_or_default()
     }
 
     fn run_local(
@@ -529,11 +534,7 @@ impl QueueDispatcher {
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.watch_push_edge(ctx);
-        let outcomes = self
-            .push
-            .get()
-            .map(|edge| edge.take_outcomes())
-            .unwrap_or_default();
+        let outcomes = self.take_push_outcomes();
         let running = std::mem::take(&mut self.running);
         self.apply(ctx, |queue, now| {
             queue.renew_local(
@@ -635,6 +636,18 @@ enum CommandAnswer {
     Later(futures::future::BoxFuture<'static, Result<Value, HandlerError>>),
 }
 
+/// Store `entry` in the dead letter queue; the error says why it was not.
+async fn send_letter(
+    target: &Recipient<Bury>,
+    entry: crate::dead_letter::DeadLetter,
+) -> Result<(), String> {
+    match target.send(Bury { entry }).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
 fn apply_push_outcomes(queue: &mut JobQueue, outcomes: Vec<PushOutcome>, now: Instant) {
     for outcome in outcomes {
         match outcome {
@@ -714,9 +727,9 @@ impl Handler<DrainToDeadLetters> for QueueDispatcher {
             let mut outcome = (0, 0);
             for letter in letters {
                 let copy = letter.clone();
-                match target.send(Bury { entry: letter }).await {
-                    Ok(Ok(())) => outcome.0 += 1,
-                    _ => {
+                match send_letter(&target, letter).await {
+                    Ok(()) => outcome.0 += 1,
+                    Err(_) => {
                         outcome.1 += 1;
                         warn!(entry = %copy.to_value(), "job lost at shutdown: dead letter store refused it");
                     }
@@ -750,11 +763,7 @@ impl Handler<PushNotice> for QueueDispatcher {
     type Result = ();
 
     fn handle(&mut self, _: PushNotice, ctx: &mut Self::Context) {
-        let outcomes = self
-            .push
-            .get()
-            .map(|edge| edge.take_outcomes())
-            .unwrap_or_default();
+        let outcomes = self.take_push_outcomes();
         self.apply(ctx, |queue, now| apply_push_outcomes(queue, outcomes, now));
     }
 }

@@ -857,14 +857,14 @@ impl JobQueue {
 
         let will_retry = entry.job.retry_count < entry.job.max_retries;
         let expired = outcome == "lease_expired";
+        let retry_delay = self.config.retry_delay(entry.job.retry_count + 1);
         if !expired || !will_retry {
+            // A failed attempt, or a lost lease with no retry left (an
+            // expired lease that is retried is redelivered at once instead).
             self.counters.failed_attempts += 1;
-            let retry_in_ms = if will_retry && !expired {
-                self.config
-                    .retry_delay(entry.job.retry_count + 1)
-                    .as_millis() as u64
-            } else {
-                0
+            let retry_in_ms = match will_retry {
+                true => retry_delay.as_millis() as u64,
+                false => 0,
             };
             self.publish(
                 topics::JOB_FAILED,
@@ -891,7 +891,7 @@ impl JobQueue {
             );
             self.make_ready(&id, "lease_expired");
         } else {
-            let due = now + self.config.retry_delay(entry.job.retry_count);
+            let due = now + retry_delay;
             let seq = entry.seq;
             self.jobs.insert(
                 id.clone(),
