@@ -991,6 +991,21 @@ mod tests {
     #[rtype(result = "Vec<JobMessage>")]
     struct Accepted;
 
+    impl FakeQueue {
+        fn start_accepting(accept: bool) -> Addr<FakeQueue> {
+            FakeQueue {
+                accept,
+                accepted: vec![],
+            }
+            .start()
+        }
+    }
+
+    /// Store `entry`, which must succeed.
+    async fn bury(actor: &Addr<DeadLetterActor>, entry: DeadLetter) {
+        actor.send(Bury { entry }).await.unwrap().unwrap();
+    }
+
     impl Handler<Accepted> for FakeQueue {
         type Result = MessageResult<Accepted>;
 
@@ -1014,19 +1029,9 @@ mod tests {
             .start();
         let mut entry = letter("fetch");
         entry.original_job["retry_count"] = json!(3);
-        actor
-            .send(Bury {
-                entry: entry.clone(),
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        bury(&actor, entry.clone()).await;
 
-        let refusing = FakeQueue {
-            accept: false,
-            accepted: vec![],
-        }
-        .start();
+        let refusing = FakeQueue::start_accepting(false);
         actor
             .send(SetReplayTarget {
                 target: refusing.recipient(),
@@ -1044,11 +1049,7 @@ mod tests {
             "kept"
         );
 
-        let accepting = FakeQueue {
-            accept: true,
-            accepted: vec![],
-        }
-        .start();
+        let accepting = FakeQueue::start_accepting(true);
         actor
             .send(SetReplayTarget {
                 target: accepting.clone().recipient(),
@@ -1077,15 +1078,8 @@ mod tests {
         let first = DeadLetterActor::open(None, DeadLetterLimits::default()).unwrap();
         let factory = move || first.instance();
         let one = factory().start();
-        one.send(Bury { entry: letter("t") })
-            .await
-            .unwrap()
-            .unwrap();
-        let queue = FakeQueue {
-            accept: true,
-            accepted: vec![],
-        }
-        .start();
+        bury(&one, letter("t")).await;
+        let queue = FakeQueue::start_accepting(true);
         one.send(SetReplayTarget {
             target: queue.clone().recipient(),
         })
@@ -1109,13 +1103,7 @@ mod tests {
             .start();
         let entries: Vec<DeadLetter> = (0..5).map(|_| letter("t")).collect();
         for entry in &entries {
-            actor
-                .send(Bury {
-                    entry: entry.clone(),
-                })
-                .await
-                .unwrap()
-                .unwrap();
+            bury(&actor, entry.clone()).await;
         }
         let page = command(&actor, "bus.dlq.list", json!({"offset": 1, "limit": 2}))
             .await

@@ -636,33 +636,26 @@ where
         }
     }
 
-    async fn wait_status(
-        &self,
-        mut condition: impl FnMut(&Status<A>) -> bool,
-    ) -> StatusSnapshot<A> {
+    async fn wait_status(&self, mut condition: impl FnMut(&Status<A>) -> bool) -> Status<A> {
         let mut receiver = self.shared.status.subscribe();
         // The sender lives in `shared`, which `self` holds, so the channel
         // cannot close while we wait.
         let seen = receiver
             .wait_for(|status| condition(status))
             .await
-            .map(|status| status.snapshot());
-        seen.unwrap_or_else(|_closed| receiver.borrow().snapshot())
+            .map(|status| status.clone());
+        seen.unwrap_or_else(|_closed| receiver.borrow().clone())
     }
 }
 
-impl<A: Actor> Status<A> {
-    fn snapshot(&self) -> StatusSnapshot<A> {
-        StatusSnapshot {
+// Written out: a derived `Clone` would require `A: Clone`.
+impl<A: Actor> Clone for Status<A> {
+    fn clone(&self) -> Self {
+        Status {
             addr: self.addr.clone(),
             stats: self.stats.clone(),
         }
     }
-}
-
-struct StatusSnapshot<A: Actor> {
-    addr: Option<Addr<A>>,
-    stats: SupervisionStats,
 }
 
 /// Why the handle refused a message before trying to deliver it.
@@ -1248,14 +1241,19 @@ mod tests {
         }
     }
 
-    #[actix_rt::test]
-    async fn a_supervised_role_keeps_its_state_until_it_crashes() {
-        let role = supervise(
+    /// A `Counter` under the quick policy, with no alerts.
+    fn counter_role() -> SupervisedRole<Counter> {
+        supervise(
             "counter",
             quick_policy(),
             || Counter { count: 0 },
             SupervisorOptions::new(),
-        );
+        )
+    }
+
+    #[actix_rt::test]
+    async fn a_supervised_role_keeps_its_state_until_it_crashes() {
+        let role = counter_role();
 
         assert_eq!(bounded(role.send(Increment)).await.unwrap(), 1);
         assert_eq!(bounded(role.send(Increment)).await.unwrap(), 2);
@@ -1271,12 +1269,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn a_routine_shutdown_is_not_counted_as_a_crash() {
-        let role = supervise(
-            "counter",
-            quick_policy(),
-            || Counter { count: 0 },
-            SupervisorOptions::new(),
-        );
+        let role = counter_role();
         bounded(role.live()).await.unwrap();
 
         role.shutdown();
@@ -1297,12 +1290,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn a_stopped_instance_is_restarted_with_the_policy_delay() {
-        let role = supervise(
-            "counter",
-            quick_policy(),
-            || Counter { count: 0 },
-            SupervisorOptions::new(),
-        );
+        let role = counter_role();
         bounded(role.live()).await.unwrap();
 
         role.do_send(InjectFault {
