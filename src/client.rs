@@ -26,15 +26,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nng::options::protocol::reqrep::ResendTime;
-use nng::options::{Options, ReconnectMaxTime, ReconnectMinTime};
-use nng::{Aio, AioResult, Context, Dialer, DialerBuilder, Message, Protocol, Socket};
+use nng::options::Options;
+use nng::{Aio, AioResult, Context, Dialer, Message, Protocol, Socket};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
 mod direct;
 
 use self::direct::DirectPath;
-use crate::edge::nng_receive_max;
+use crate::edge::{self, EdgeOptions};
 use crate::wire::{CommandReply, CommandRequest, WireError};
 
 /// How a [`BusClient`] connects and waits.
@@ -191,14 +191,18 @@ impl BusClient {
 
     fn dial(url: &str, options: &ClientOptions, lazy: bool) -> Result<BusClient, nng::Error> {
         let socket = Socket::new(Protocol::Req0)?;
-        socket.set_opt::<nng::options::RecvMaxSize>(nng_receive_max(options.max_reply_size))?;
         if let Some(interval) = options.resend_interval {
             socket.set_opt::<ResendTime>(Some(interval))?;
         }
-        let builder = DialerBuilder::new(&socket, url)?;
-        builder.set_opt::<ReconnectMinTime>(Some(options.reconnect_min))?;
-        builder.set_opt::<ReconnectMaxTime>(Some(options.reconnect_max))?;
-        let dialer = builder.start(lazy).map_err(|(_, err)| err)?;
+        let edge = EdgeOptions {
+            max_message_size: options.max_reply_size,
+            reconnect_min: options.reconnect_min,
+            reconnect_max: options.reconnect_max,
+            ..EdgeOptions::default()
+        };
+        // Only socket and dial errors come back from a dial.
+        let dialer = edge::dial_with(&socket, url, &edge, lazy)
+            .map_err(|err| err.nng_error().unwrap_or(nng::Error::Internal))?;
         Ok(BusClient {
             direct: DirectPath::new(options.socket_path),
             url: url.into(),

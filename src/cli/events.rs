@@ -67,8 +67,7 @@ fn event_object(args: &PublishArgs) -> anyhow::Result<Map<String, Value>> {
         "`{}` is not a topic: use dot-separated names without `*`",
         args.topic
     );
-    let data: Map<String, Value> = serde_json::from_str(&args.data)
-        .map_err(|err| anyhow::anyhow!("the data must be a JSON object: {err}"))?;
+    let data = super::json_object_arg(&args.data, "data")?;
     let mut event = Map::new();
     event.insert("event_type".into(), args.topic.clone().into());
     event.insert("data".into(), Value::Object(data));

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use actix::Recipient;
 use clap::{Args, Subcommand};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::AddressArgs;
 use crate::client::ClientOptions;
@@ -157,8 +157,7 @@ fn print(request: &RequestArgs, result: &Value, human: impl FnOnce(&Value)) {
 /// When the payload is not a JSON object, the bus cannot be reached or
 /// times out, or refuses the job (`overloaded`, `bad_request`).
 pub fn run_enqueue(args: &EnqueueArgs, addresses: &AddressArgs) -> anyhow::Result<()> {
-    let payload: Map<String, Value> = serde_json::from_str(&args.payload)
-        .map_err(|err| anyhow::anyhow!("the payload must be a JSON object: {err}"))?;
+    let payload = super::json_object_arg(&args.payload, "payload")?;
     let mut request = json!({"job_type": args.job_type, "payload": payload,
                              "priority": args.priority});
     if let Some(max_retries) = args.max_retries {

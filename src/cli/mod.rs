@@ -12,7 +12,7 @@ pub mod serve;
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::client::{into_result, BusClient, ClientError, ClientOptions};
 use crate::wire::{CommandReply, CommandRequest};
@@ -97,4 +97,14 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .build()
         .expect("a current-thread runtime always builds")
         .block_on(future)
+}
+
+/// A JSON object given on the command line; `what` names it in the error.
+///
+/// # Errors
+///
+/// "the `what` must be a JSON object" with serde's reason.
+pub fn json_object_arg(text: &str, what: &str) -> anyhow::Result<Map<String, Value>> {
+    serde_json::from_str(text)
+        .map_err(|err| anyhow::anyhow!("the {what} must be a JSON object: {err}"))
 }

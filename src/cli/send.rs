@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::AddressArgs;
 use crate::wire::CommandReply;
@@ -47,8 +47,7 @@ impl SendArgs {
 /// When the payload is not a JSON object, the bus cannot be reached, the
 /// request times out, or the bus answers with an error.
 pub fn run_send(args: &SendArgs, addresses: &AddressArgs) -> anyhow::Result<()> {
-    let payload: Map<String, Value> = serde_json::from_str(&args.payload)
-        .map_err(|err| anyhow::anyhow!("the payload must be a JSON object: {err}"))?;
+    let payload = super::json_object_arg(&args.payload, "payload")?;
     let url = if args.data {
         &addresses.data_address
     } else {

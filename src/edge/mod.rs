@@ -38,6 +38,17 @@ pub enum EdgeError {
     Socket(#[from] nng::Error),
 }
 
+impl EdgeError {
+    /// NNG's error behind this one, for callers that speak NNG's errors.
+    pub fn nng_error(&self) -> Option<nng::Error> {
+        match self {
+            EdgeError::Listen { source, .. } | EdgeError::Dial { source, .. } => Some(*source),
+            EdgeError::Socket(source) => Some(*source),
+            EdgeError::InUse { .. } | EdgeError::Permissions { .. } => None,
+        }
+    }
+}
+
 /// Settings every edge applies to its socket.
 #[derive(Debug, Clone)]
 pub struct EdgeOptions {
@@ -139,6 +150,22 @@ pub fn listen(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Liste
 ///
 /// [`EdgeError::Dial`] when the URL is malformed or its transport unknown.
 pub fn dial(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Dialer, EdgeError> {
+    dial_with(socket, url, options, true)
+}
+
+/// As [`dial`]; with `nonblocking` false the first connection is made
+/// before this returns, and a peer that is not there is an error.
+///
+/// # Errors
+///
+/// As [`dial`], plus [`EdgeError::Dial`] for a first connection that
+/// failed.
+pub fn dial_with(
+    socket: &Socket,
+    url: &str,
+    options: &EdgeOptions,
+    nonblocking: bool,
+) -> Result<Dialer, EdgeError> {
     socket.set_opt::<RecvMaxSize>(nng_receive_max(options.max_message_size))?;
     let dial_error = |source| EdgeError::Dial {
         url: url.to_string(),
@@ -152,7 +179,7 @@ pub fn dial(socket: &Socket, url: &str, options: &EdgeOptions) -> Result<Dialer,
         .set_opt::<ReconnectMaxTime>(Some(options.reconnect_max))
         .map_err(dial_error)?;
     builder
-        .start(true)
+        .start(nonblocking)
         .map_err(|(_, source)| dial_error(source))
 }
 
