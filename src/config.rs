@@ -5,6 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::dead_letter::DeadLetterLimits;
+use crate::dispatcher::queue::QueueConfig;
+
 pub const COMMAND_ADDRESS_VAR: &str = "NNG_COMMAND_ADDRESS";
 pub const EVENT_ADDRESS_VAR: &str = "NNG_EVENT_ADDRESS";
 pub const JOB_QUEUE_ADDRESS_VAR: &str = "NNG_JOB_QUEUE_ADDRESS";
@@ -174,7 +177,10 @@ impl EdgeSet {
 }
 
 impl Default for BusConfig {
+    /// The queue's and the dead letter store's limits are theirs
+    /// ([`QueueConfig`], [`DeadLetterLimits`]), not repeated here.
     fn default() -> Self {
+        let queue = QueueConfig::default();
         Self {
             addresses: Addresses::default(),
             edges: EdgeSet::ALL,
@@ -185,19 +191,19 @@ impl Default for BusConfig {
             max_commands_in_flight: 10_000,
             dedup_capacity: 10_000,
             dedup_ttl: Duration::from_secs(600),
-            subscriber_buffer: 1024,
-            queue_capacity: 100_000,
-            job_lease: Duration::from_secs(30),
-            backlog_alert: 1000,
-            job_retry_base: Duration::from_secs(1),
+            subscriber_buffer: crate::publisher::DEFAULT_SUBSCRIBER_BUFFER,
+            queue_capacity: queue.capacity,
+            job_lease: queue.lease,
+            backlog_alert: queue.backlog_alert,
+            job_retry_base: queue.retry_backoff_base,
             dead_letter_path: None,
             health_interval: Duration::from_secs(10),
             service_name: "dgbit-bus".into(),
             drain_deadline: Duration::from_secs(10),
             ipc_permissions: 0o660,
             queue_dial: false,
-            push_job_types: ["*".to_string()].into(),
-            dead_letter_max_entries: 100_000,
+            push_job_types: queue.push_job_types,
+            dead_letter_max_entries: DeadLetterLimits::default().max_entries,
             allow_wildcard_listen: false,
         }
     }

@@ -15,16 +15,16 @@ use crate::config::BusConfig;
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Command run for requests that carry no `command` ("" for none).
-    #[arg(long, default_value = "run_backtest")]
+    #[arg(long, default_value_t = BusConfig::default().default_command.unwrap_or_default())]
     pub default_command: String,
     /// Largest message accepted on any socket, in bytes.
-    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, default_value_t = BusConfig::default().max_message_size)]
     pub max_message_size: usize,
     /// Seconds a command handler may run before the caller gets `timeout`.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = BusConfig::default().handler_timeout.as_secs())]
     pub handler_timeout_s: u64,
     /// Seconds shutdown waits for work in flight.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = BusConfig::default().drain_deadline.as_secs())]
     pub drain_deadline_s: u64,
     /// Restarts granted to each role (router, publisher, edge, ...) within
     /// `--restart-window-s`; at the next crash the role is given up and
@@ -48,20 +48,20 @@ pub struct ServeArgs {
     #[arg(long = "push-job-type", default_values_t = ["*".to_string()])]
     pub push_job_types: Vec<String>,
     /// Queue depth that raises `system.alert`.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = BusConfig::default().backlog_alert)]
     pub backlog_alert: usize,
     /// Seconds between `system.health` events.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = BusConfig::default().health_interval.as_secs_f64())]
     pub health_interval_s: f64,
     /// Milliseconds before a failed job's first retry (doubling after).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = BusConfig::default().job_retry_base.as_millis() as u64)]
     pub job_retry_base_ms: u64,
     /// Replies remembered for duplicate suppression (each kept 10 minutes).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = BusConfig::default().dedup_capacity)]
     pub dedup_capacity: usize,
     /// Seconds a leasing worker may stay silent before its job is
     /// redelivered (every report renews the lease).
-    #[arg(long, env = "DGBIT_JOB_LEASE_S", default_value_t = 30.0)]
+    #[arg(long, env = "DGBIT_JOB_LEASE_S", default_value_t = BusConfig::default().job_lease.as_secs_f64())]
     pub job_lease_s: f64,
     /// Mode of the ipc socket files, in octal. A peer needs write permission
     /// on the file to connect: 660 lets in the bus's user and group only.
