@@ -14,7 +14,7 @@ use dgbit_bus::client::{BusClient, ClientOptions};
 
 use crate::cpu::{CpuSample, CpuUse};
 use crate::raw::{Answer, RawEchoServer, RawLoad, RawReqClient, Throughput, OPERATION_LIMIT};
-use crate::server::command_bus;
+use crate::server::{command_bus, BusServer};
 use crate::table::{Row, Tail, Target};
 use crate::transport::{next_id, RequestTemplate, Transport, INLINE_ECHO_COMMAND};
 use crate::Budget;
@@ -32,28 +32,54 @@ const WARM_UP: usize = 200;
 /// Round trips per pair before the next pair's turn.
 const LATENCY_BLOCK: usize = 100;
 
+/// The three servers workloads 1 and 2 compare, in one temp dir: the bus,
+/// the raw echo server and the codec-only server.
+struct Servers {
+    dir: tempfile::TempDir,
+    bus_url: String,
+    _bus: BusServer,
+    raw: RawEchoServer,
+    codec: RawEchoServer,
+}
+
+impl Servers {
+    fn start(transport: Transport) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let bus_url = transport.url(dir.path(), "bus");
+        let bus = command_bus(&bus_url)?;
+        let raw_url = transport.url(dir.path(), "raw");
+        let raw = RawEchoServer::listen(&raw_url, RAW_CONTEXTS, Answer::Echo)?;
+        let codec_url = transport.url(dir.path(), "codec");
+        let codec = RawEchoServer::listen(&codec_url, RAW_CONTEXTS, Answer::Codec)?;
+        Ok(Self {
+            dir,
+            bus_url,
+            _bus: bus,
+            raw,
+            codec,
+        })
+    }
+}
+
 /// Workload 1: one client, one request at a time; p50/p99 latency.
 ///
 /// # Errors
 ///
 /// When a server cannot start or a request fails.
 pub fn round_trip(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>> {
-    let dir = tempfile::tempdir()?;
-    let bus_url = transport.url(dir.path(), "bus");
-    let _bus = command_bus(&bus_url)?;
-    let raw = RawEchoServer::listen(
-        &transport.url(dir.path(), "raw"),
-        RAW_CONTEXTS,
-        Answer::Echo,
-    )?;
-    let codec_url = transport.url(dir.path(), "codec");
-    let codec = RawEchoServer::listen(&codec_url, RAW_CONTEXTS, Answer::Codec)?;
+    let servers = Servers::start(transport)?;
+    let Servers {
+        ref bus_url,
+        ref raw,
+        ref codec,
+        ..
+    } = servers;
     let runtime = client_runtime()?;
     let template = RequestTemplate::new();
     let inline = RequestTemplate::for_command(INLINE_ECHO_COMMAND);
 
-    let bus_client = runtime.block_on(connect(&bus_url))?;
-    let raw_to_bus = RawReqClient::dial(&bus_url)?;
+    let bus_client = runtime.block_on(connect(bus_url))?;
+    let raw_to_bus = RawReqClient::dial(bus_url)?;
     let raw_client = RawReqClient::dial(raw.url())?;
     let codec_client = RawReqClient::dial(codec.url())?;
 
@@ -171,30 +197,28 @@ fn raw_round_trips(
 ///
 /// When a server cannot start or a client cannot connect.
 pub fn concurrent(budget: &Budget, transport: Transport) -> anyhow::Result<Vec<Row>> {
-    let dir = tempfile::tempdir()?;
-    let bus_url = transport.url(dir.path(), "bus");
-    let _bus = command_bus(&bus_url)?;
-    let raw = RawEchoServer::listen(
-        &transport.url(dir.path(), "raw"),
-        RAW_CONTEXTS,
-        Answer::Echo,
-    )?;
-    let codec_url = transport.url(dir.path(), "codec");
-    let codec = RawEchoServer::listen(&codec_url, RAW_CONTEXTS, Answer::Codec)?;
+    let servers = Servers::start(transport)?;
+    let Servers {
+        ref dir,
+        ref bus_url,
+        ref raw,
+        ref codec,
+        ..
+    } = servers;
     let python = PythonServer::start(&transport.url(dir.path(), "python"));
     let runtime = client_runtime()?;
     let template = RequestTemplate::new();
     let clients = runtime.block_on(async {
         let mut clients = Vec::with_capacity(CLIENTS);
         for _ in 0..CLIENTS {
-            clients.push(connect(&bus_url).await?);
+            clients.push(connect(bus_url).await?);
         }
         anyhow::Ok(clients)
     })?;
 
     let inline = RequestTemplate::for_command(INLINE_ECHO_COMMAND);
-    let to_bus = RawLoad::dial(&bus_url, CLIENTS)?;
-    let to_bus_inline = RawLoad::dial_with(&bus_url, CLIENTS, inline.clone())?;
+    let to_bus = RawLoad::dial(bus_url, CLIENTS)?;
+    let to_bus_inline = RawLoad::dial_with(bus_url, CLIENTS, inline.clone())?;
     let to_raw = RawLoad::dial(raw.url(), CLIENTS)?;
     let to_codec = RawLoad::dial(codec.url(), CLIENTS)?;
     let to_python = match &python {

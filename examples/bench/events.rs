@@ -201,13 +201,7 @@ impl RawSubscribers {
 
 impl Drop for RawSubscribers {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        for socket in &self.sockets {
-            socket.close();
-        }
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        crate::raw::stop_socket_threads(&self.stop, &self.sockets, &mut self.threads);
     }
 }
 

@@ -306,13 +306,7 @@ impl PullWorkers {
 
 impl Drop for PullWorkers {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        for socket in &self.sockets {
-            socket.close();
-        }
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        crate::raw::stop_socket_threads(&self.stop, &self.sockets, &mut self.threads);
     }
 }
 
@@ -427,12 +421,7 @@ fn lease_reply(request: &[u8], jobs: &Mutex<VecDeque<Vec<u8>>>, completed: &Atom
 
 impl Drop for RawLeaseServer {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        self.socket.close();
-        for aio in &self.aios {
-            aio.cancel();
-            aio.wait();
-        }
+        crate::raw::stop_aio_server(&self.stopping, &self.socket, &self.aios);
     }
 }
 

@@ -113,12 +113,7 @@ fn codec_reply(body: &[u8]) -> Vec<u8> {
 
 impl Drop for RawEchoServer {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        self.socket.close();
-        for aio in &self.aios {
-            aio.cancel();
-            aio.wait();
-        }
+        stop_aio_server(&self.stopping, &self.socket, &self.aios);
     }
 }
 
@@ -330,5 +325,32 @@ impl Drop for RawLoad {
             aio.cancel();
             aio.wait();
         }
+    }
+}
+
+/// Stop threads that each serve one of `sockets`: set `stop`, close the
+/// sockets (which ends a blocking receive), and join the threads.
+pub fn stop_socket_threads(
+    stop: &AtomicBool,
+    sockets: &[Socket],
+    threads: &mut Vec<std::thread::JoinHandle<()>>,
+) {
+    stop.store(true, Ordering::Release);
+    for socket in sockets {
+        socket.close();
+    }
+    for thread in threads.drain(..) {
+        let _ = thread.join();
+    }
+}
+
+/// Stop a server driven by `aios`' callbacks: set `stopping` (which the
+/// callbacks check), close the socket, and wait for each callback to end.
+pub fn stop_aio_server(stopping: &AtomicBool, socket: &Socket, aios: &[Aio]) {
+    stopping.store(true, Ordering::Release);
+    socket.close();
+    for aio in aios {
+        aio.cancel();
+        aio.wait();
     }
 }
