@@ -62,7 +62,7 @@ use crate::router::{
 };
 use crate::supervisor::{supervise, GiveUp, RoleSendError, SupervisedRole, SupervisorOptions};
 use crate::topics::{PatternError, SERVICE_STARTED, SERVICE_STOPPED};
-use crate::wire::{code, CommandReply, CommandRequest, Echo, Event, JobMessage};
+use crate::wire::{code, CommandReply, CommandRequest, Event, JobMessage};
 
 /// How long the REP edges stay open after the routers stop at shutdown, so
 /// that the last replies handed to NNG reach their peers before the sockets
@@ -776,14 +776,6 @@ fn refuse<M>(
                 answer(message, code, text);
             }
         }
-    }
-}
-
-impl Inbound {
-    /// Answer a body no router took with `code`.
-    fn refuse(self, code: &str, text: &str) {
-        let reply = CommandReply::error(Echo::salvage(&self.body), code, text);
-        self.reply.send(&reply.encode());
     }
 }
 

@@ -95,6 +95,14 @@ impl Decoded {
     }
 }
 
+impl Inbound {
+    /// Answer a body no router took with `code`.
+    pub fn refuse(self, code: &str, text: &str) {
+        let reply = CommandReply::error(Echo::salvage(&self.body), code, text);
+        self.reply.send(&reply.encode());
+    }
+}
+
 /// Unparseable requests sent to the dead letter store and not yet stored.
 /// Past this many, more are answered but not kept (and counted): the store
 /// commits each entry to disk, so a flood of garbage would otherwise queue
